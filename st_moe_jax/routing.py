@@ -1,0 +1,283 @@
+"""Routing math for mixture-of-experts layers: pure functions, float32 throughout.
+
+Semantics are those of `../shared/reference/routing.md` (the flaxformer / t5x ST-MoE routers), except
+that padding tokens are never dispatched and never counted in the router losses.
+
+Notation: G groups, T tokens per group, E experts, C expert capacity, k experts selected per token.
+A `Routing` says, for every expert buffer slot (g, e, c), which token of group g fills it and with what
+combine weight. Both dispatch implementations in `dispatch.py` consume it.
+"""
+
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class Routing:
+  """Which token fills each expert buffer slot, and its combine weight.
+
+  Attributes:
+    buffer_token: <int32>[G, E, C] index in [0, T) of the token in slot (g, e, c); T where empty.
+    buffer_weight: <float32>[G, E, C] combine weight of that token (its router probability for e);
+      0 where empty. Differentiable with respect to the router probabilities.
+    expert_index: <int32>[G, T, k] each token's top-k experts before capacity is applied
+      (tokens-choose only; None for experts-choose). The load-balancing loss uses it.
+    num_tokens: T, the group size (static).
+  """
+  buffer_token: Array
+  buffer_weight: Array
+  expert_index: Optional[Array]
+  num_tokens: int = flax.struct.field(pytree_node=False)
+
+  @property
+  def occupied(self) -> Array:
+    """<bool>[G, E, C]: slot holds a token."""
+    return self.buffer_token < self.num_tokens
+
+  def to_dense(self) -> tuple[Array, Array]:
+    """The GShard / flaxformer one-hot form.
+
+    Returns:
+      dispatch_mask: <bool>[G, T, E, C], True where token t fills slot (e, c).
+      combine_array: <float32>[G, T, E, C], the combine weight at those positions, 0 elsewhere.
+    """
+    tokens = jnp.arange(self.num_tokens, dtype=jnp.int32)
+    dispatch_mask = self.buffer_token[:, None, :, :] == tokens[None, :, None, None]
+    combine_array = jnp.where(dispatch_mask, self.buffer_weight[:, None, :, :], 0.0)
+    return dispatch_mask, combine_array
+
+
+def _real_mask(shape, padding_mask: Optional[Array]) -> Array:
+  """<float32>[..., T]: 1 for real tokens. Checks the padding mask's shape."""
+  if padding_mask is None:
+    return jnp.ones(shape, jnp.float32)
+  if tuple(padding_mask.shape) != tuple(shape):
+    raise ValueError(f'padding_mask has shape {tuple(padding_mask.shape)} but the routed tokens have '
+                     f'shape {tuple(shape)}; pass a mask with one entry per token (1 = real, 0 = padding).')
+  return padding_mask.astype(jnp.float32)
+
+
+def _check_router_array(name: str, array: Array) -> None:
+  if not jnp.issubdtype(array.dtype, jnp.floating):
+    raise TypeError(f'{name} must be a floating-point array, got dtype {array.dtype}.')
+
+
+def expert_capacity(tokens_per_group: int, num_experts: int, capacity_factor: float,
+                    min_capacity: int = 4) -> int:
+  """C = max(round(capacity_factor · T / E), min_capacity), Python (banker's) rounding.
+
+  C counts tokens, not (token, expert) assignments: with top-2 at capacity factor 1.25 only 1.25·T slots
+  exist for 2·T choices, as in ST-MoE.
+  """
+  if num_experts < 1:
+    raise ValueError(f'num_experts must be >= 1, got {num_experts}.')
+  if capacity_factor <= 0:
+    raise ValueError(f'capacity_factor must be > 0, got {capacity_factor}; use e.g. 1.25 for training '
+                     'and 2.0 for evaluation.')
+  if min_capacity < 1:
+    raise ValueError(f'min_capacity must be >= 1, got {min_capacity}.')
+  return max(int(round(capacity_factor * tokens_per_group / num_experts)), min_capacity)
+
+
+def router_z_loss(router_logits: Array, padding_mask: Optional[Array] = None) -> Array:
+  """Mean over real tokens of logsumexp(logits)², in float32 (ST-MoE eq. 5).
+
+  Args:
+    router_logits: <float>[..., T, E].
+    padding_mask: optional [..., T], 1 for real tokens, 0 for padding.
+
+  Returns:
+    <float32> scalar.
+  """
+  _check_router_array('router_logits', router_logits)
+  log_z = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)  # [..., T]
+  real = _real_mask(log_z.shape, padding_mask)
+  return jnp.sum(real * log_z**2) / jnp.maximum(jnp.sum(real), 1.0)
+
+
+def load_balancing_loss(router_probs: Array, expert_indices: Array,
+                        padding_mask: Optional[Array] = None) -> Array:
+  """Switch / GShard auxiliary loss: E² · mean over (group, expert) of f · P.
+
+  f[g, e] is the fraction of the group's real tokens whose top-k choices (before capacity) include e, and
+  P[g, e] the mean router probability for e over the group's real tokens. It is 1 at perfect balance for
+  k = 1 and about k for top-k. Groups holding no real token are left out of the mean.
+
+  Args:
+    router_probs: <float>[..., T, E].
+    expert_indices: <int>[..., T, k] the top-k experts of each token.
+    padding_mask: optional [..., T], 1 for real tokens, 0 for padding.
+
+  Returns:
+    <float32> scalar.
+  """
+  _check_router_array('router_probs', router_probs)
+  num_experts = router_probs.shape[-1]
+  probs = router_probs.astype(jnp.float32)
+  real = _real_mask(probs.shape[:-1], padding_mask)  # [..., T]
+  chosen = jnp.max(jax.nn.one_hot(expert_indices, num_experts, dtype=jnp.float32), axis=-2)  # [..., T, E]
+  count = jnp.sum(real, axis=-1, keepdims=True)  # [..., 1]
+  denom = jnp.maximum(count, 1.0)
+  f = jnp.sum(chosen * real[..., None], axis=-2) / denom  # [..., E]
+  p = jnp.sum(probs * real[..., None], axis=-2) / denom  # [..., E]
+  per_group = num_experts * jnp.sum(f * p, axis=-1)  # E² · mean_e  ==  E · sum_e
+  has_tokens = (count[..., 0] > 0).astype(jnp.float32)
+  return jnp.sum(per_group * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
+
+
+def _check_group_probs(router_probs: Array, expert_capacity: int) -> None:
+  _check_router_array('router_probs', router_probs)
+  if router_probs.ndim != 3:
+    raise ValueError(f'router_probs must be [G, T, E], got shape {router_probs.shape}.')
+  if expert_capacity < 1:
+    raise ValueError(f'expert_capacity must be >= 1, got {expert_capacity}.')
+
+
+def _slot_within_expert(keys: Array, num_keys: int) -> Array:
+  """For a sequence of expert ids, the number of earlier entries with the same id.
+
+  keys: <int32>[G, N] with values in [0, num_keys]. Returns <int32>[G, N]. O(N log N) by a stable sort,
+  never a [N, E] one-hot.
+  """
+  n = keys.shape[-1]
+
+  def one_group(k):
+    order = jnp.argsort(k, stable=True)
+    sorted_keys = k[order]
+    counts = jnp.bincount(k, length=num_keys + 1)
+    first = jnp.cumsum(counts) - counts  # first position of each key in the sorted order
+    rank = jnp.arange(n, dtype=jnp.int32) - first[sorted_keys].astype(jnp.int32)
+    return jnp.zeros((n,), jnp.int32).at[order].set(rank, unique_indices=True)
+
+  return jax.vmap(one_group)(keys)
+
+
+def tokens_choose(router_probs: Array, *, num_selected_experts: int, expert_capacity: int,
+                  batch_prioritized: bool = False, padding_mask: Optional[Array] = None) -> Routing:
+  """Each token picks its top-k experts; each expert keeps at most C of the choices sent to it.
+
+  Choices are walked k-major (every token's first choice, then every second choice, ...), in token order
+  or, with batch-prioritized routing, in order of descending top-1 probability (stable; padding last). A
+  choice keeps its slot iff fewer than C earlier choices went to the same expert, so first choices always
+  win slots before second choices. Ties between experts go to the lower index. Combine weights are the
+  raw router probabilities (no renormalisation over the k choices).
+
+  Args:
+    router_probs: <float32>[G, T, E].
+    num_selected_experts: k.
+    expert_capacity: C.
+    batch_prioritized: order by router confidence (looks at the whole group: never in a causal decoder).
+    padding_mask: optional [G, T], 1 for real tokens; padding tokens are never dispatched.
+
+  Returns:
+    Routing with expert_index [G, T, k].
+  """
+  _check_group_probs(router_probs, expert_capacity)
+  num_groups, num_tokens, num_experts = router_probs.shape
+  k = num_selected_experts
+  if not 1 <= k <= num_experts:
+    raise ValueError(f'num_selected_experts must be in [1, num_experts={num_experts}], got {k}.')
+  probs = router_probs.astype(jnp.float32)
+  real = _real_mask((num_groups, num_tokens), padding_mask) > 0
+
+  top_probs, expert_index = jax.lax.top_k(probs, k)  # [G, T, k]; ties -> lower expert index
+  expert_index = expert_index.astype(jnp.int32)
+
+  if batch_prioritized:
+    priority = jnp.where(real, -top_probs[..., 0], jnp.inf)
+    order = jnp.argsort(priority, axis=-1, stable=True).astype(jnp.int32)  # [G, T]
+  else:
+    order = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (num_groups, num_tokens))
+
+  # The walk: [G, k, T] choices in (rank, priority) order, flattened k-major. Padding goes to key E.
+  walk_token = jnp.broadcast_to(order[:, None, :], (num_groups, k, num_tokens))
+  walk_expert = jnp.take_along_axis(jnp.swapaxes(expert_index, 1, 2), walk_token, axis=-1)
+  walk_real = jnp.take_along_axis(real, order, axis=-1)[:, None, :]
+  walk_expert = jnp.where(walk_real, walk_expert, num_experts)
+  walk_expert = walk_expert.reshape(num_groups, k * num_tokens)
+  slot = _slot_within_expert(walk_expert, num_experts)
+  kept = (walk_expert < num_experts) & (slot < expert_capacity)
+
+  walk_token = walk_token.reshape(num_groups, k * num_tokens)
+  walk_prob = jnp.take_along_axis(
+      jnp.swapaxes(top_probs, 1, 2), walk_token.reshape(num_groups, k, num_tokens), axis=-1
+  ).reshape(num_groups, k * num_tokens)
+
+  # Scatter kept choices into their buffer slots; dropped ones aim past the end and are discarded.
+  num_slots = num_experts * expert_capacity
+  position = jnp.where(kept, walk_expert * expert_capacity + slot, num_slots)
+
+  def fill(pos, tok, prob):
+    buffer_token = jnp.full((num_slots,), num_tokens, jnp.int32).at[pos].set(tok, mode='drop')
+    buffer_weight = jnp.zeros((num_slots,), jnp.float32).at[pos].set(prob, mode='drop')
+    return buffer_token, buffer_weight
+
+  buffer_token, buffer_weight = jax.vmap(fill)(position, walk_token, walk_prob)
+  shape = (num_groups, num_experts, expert_capacity)
+  return Routing(buffer_token=buffer_token.reshape(shape), buffer_weight=buffer_weight.reshape(shape),
+                 expert_index=expert_index, num_tokens=num_tokens)
+
+
+def experts_choose(router_probs: Array, *, expert_capacity: int,
+                   padding_mask: Optional[Array] = None) -> Routing:
+  """Each expert takes the C tokens of the group with the highest probability for it.
+
+  Ties go to the lower token index; slot = rank. A token may go to several experts or none. Padding tokens
+  are never chosen. Looks at the whole group: encoder only.
+
+  Args:
+    router_probs: <float32>[G, T, E].
+    expert_capacity: C.
+    padding_mask: optional [G, T], 1 for real tokens.
+
+  Returns:
+    Routing with expert_index None.
+  """
+  _check_group_probs(router_probs, expert_capacity)
+  num_groups, num_tokens, num_experts = router_probs.shape
+  probs = router_probs.astype(jnp.float32)
+  real = _real_mask((num_groups, num_tokens), padding_mask) > 0
+  by_expert = jnp.swapaxes(probs, 1, 2)  # [G, E, T]
+  # -1 sorts padding below every probability; such picks are marked empty below.
+  scores = jnp.where(real[:, None, :], by_expert, -1.0)
+  take = min(expert_capacity, num_tokens)
+  top_scores, top_tokens = jax.lax.top_k(scores, take)  # [G, E, take]; ties -> lower token index
+  chosen = top_scores >= 0
+  buffer_token = jnp.where(chosen, top_tokens.astype(jnp.int32), num_tokens)
+  weight = jnp.take_along_axis(by_expert, top_tokens, axis=-1)
+  buffer_weight = jnp.where(chosen, weight, 0.0)
+  if take < expert_capacity:  # more slots than tokens: the rest stay empty
+    pad = [(0, 0), (0, 0), (0, expert_capacity - take)]
+    buffer_token = jnp.pad(buffer_token, pad, constant_values=num_tokens)
+    buffer_weight = jnp.pad(buffer_weight, pad)
+  return Routing(buffer_token=buffer_token, buffer_weight=buffer_weight, expert_index=None,
+                 num_tokens=num_tokens)
+
+
+def routing_metrics(routing: Routing, padding_mask: Optional[Array] = None) -> dict[str, Array]:
+  """The t5x MoE metrics of one layer (routing.md §6), padding excluded.
+
+  Returns float32 scalars: fraction_tokens_left_behind, expert_usage, router_confidence.
+  """
+  num_groups, num_experts, capacity = routing.buffer_token.shape
+  num_tokens = routing.num_tokens
+  real = _real_mask((num_groups, num_tokens), padding_mask)
+  occupied = routing.occupied
+  hits = jax.vmap(lambda tok: jnp.zeros((num_tokens + 1,), jnp.float32).at[tok.reshape(-1)].add(1.0))(
+      routing.buffer_token)[:, :num_tokens]  # [G, T] experts reached by each token
+  dispatched = jnp.sum((hits > 0) * real)
+  num_pairs = jnp.sum(occupied)
+  return {
+      'fraction_tokens_left_behind': 1.0 - dispatched / jnp.maximum(jnp.sum(real), 1.0),
+      'expert_usage': num_pairs / float(num_groups * num_experts * capacity),
+      'router_confidence': jnp.sum(routing.buffer_weight) / jnp.maximum(num_pairs, 1).astype(jnp.float32),
+  }
+
+
+__all__ = ['Routing', 'expert_capacity', 'router_z_loss', 'load_balancing_loss', 'tokens_choose',
+           'experts_choose', 'routing_metrics']
