@@ -1,0 +1,229 @@
+"""MoeLayer: grouping, both dispatch paths, a direct reference computation, metrics, modes, errors."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from st_moe_jax import moe
+from st_moe_jax.moe import MoeLayer
+
+B, L, H, F, E = 2, 6, 8, 16, 4
+RNGS = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}
+
+
+def _layer(**overrides):
+  config = dict(num_experts=E, intermediate_dim=F, group_multiple=1)
+  return MoeLayer(**(config | overrides))
+
+
+@pytest.fixture(scope='module')
+def inputs():
+  return jax.random.normal(jax.random.PRNGKey(42), (B, L, H))
+
+
+@pytest.fixture(scope='module')
+def variables(inputs):
+  return _layer().init(RNGS, inputs, enable_dropout=False)
+
+
+def _apply(layer, variables, x, padding_mask=None, enable_dropout=False, rng=2):
+  return layer.apply(variables, x, padding_mask, enable_dropout=enable_dropout,
+                     rngs={'dropout': jax.random.PRNGKey(rng)}, mutable=['intermediates'])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grouping (routing.md §5)
+
+def test_plan_groups_follows_the_rule():
+  assert moe.plan_groups(8, 512, 4096, multiple=8) == (8, 8, 512)  # groups of 512 at E = 8
+  assert moe.plan_groups(8, 512, 4096, multiple=1) == (1, 8, 512)
+  assert moe.plan_groups(8, 512, 1024, multiple=1) == (4, 8, 512)
+  assert moe.plan_groups(4, 6, 4096, multiple=4) == (4, 4, 6)
+  assert moe.plan_groups(5, 6, 8, multiple=1) == (5, 5, 6)  # 30 tokens: 4 groups don't divide, 5 do
+
+
+def test_plan_groups_pads_the_cheaper_dimension():
+  # 15 tokens, groups a multiple of 4: length 5 -> 8 costs 9 tokens, batch 3 -> 4 costs 5.
+  assert moe.plan_groups(3, 5, 4096, multiple=4) == (4, 4, 5)
+  # length 3 -> 4 costs 2 tokens, batch 2 -> 4 costs 6.
+  assert moe.plan_groups(2, 3, 4096, multiple=4) == (4, 2, 4)
+  # A tie (4 tokens either way) pads the length.
+  assert moe.plan_groups(2, 2, 4096, multiple=8) == (8, 2, 4)
+
+
+def test_plan_groups_strict_raises_with_sizes():
+  assert moe.plan_groups(4, 8, 8, multiple=4, strict=True) == (4, 4, 8)
+  with pytest.raises(ValueError, match=r'3x5 = 15 tokens.*max_group_size=4'):
+    moe.plan_groups(3, 5, 4, multiple=1, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The layer
+
+def test_parameter_names_shapes_and_logical_axes(variables):
+  specs = nn.get_partition_spec(variables)['params']
+  params = nn.unbox(variables)['params']
+  assert params['router']['router_weights']['w']['kernel'].shape == (H, E)
+  assert params['router']['router_weights']['w']['kernel'].dtype == jnp.float32
+  assert params['expert']['wi_0']['kernel'].shape == (E, H, F)
+  assert params['expert']['wi_1']['kernel'].shape == (E, H, F)
+  assert params['expert']['wo']['kernel'].shape == (E, F, H)
+  assert tuple(specs['expert']['wi_0']['kernel']) == ('expert', 'mlp_embed', 'expert_mlp')
+  assert tuple(specs['expert']['wo']['kernel']) == ('expert', 'expert_mlp', 'mlp_embed')
+  assert tuple(specs['router']['router_weights']['w']['kernel']) == ('embed', 'unmodeled')
+  # Experts are initialised independently.
+  wi = params['expert']['wi_0']['kernel']
+  assert not np.allclose(wi[0], wi[1])
+  relu = _layer(activations=('relu',)).init(RNGS, jnp.ones((B, L, H)), enable_dropout=False)
+  assert set(nn.unbox(relu)['params']['expert']) == {'wi', 'wo'}
+
+
+def _reference_layer_output(params, x, k):
+  """Direct computation for a layer with no dropped tokens: y_t = Σ_{e in top-k(t)} p_te · expert_e(x_t)."""
+  params = nn.unbox(params)
+  w_router = np.asarray(params['router']['router_weights']['w']['kernel'], np.float64)
+  wi0, wi1, wo = (np.asarray(params['expert'][n]['kernel'], np.float64) for n in ('wi_0', 'wi_1', 'wo'))
+  tokens = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+  logits = tokens @ w_router
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  gelu = lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
+  out = np.zeros_like(tokens)
+  for t, tok in enumerate(tokens):
+    for e in np.argsort(-probs[t], kind='stable')[:k]:
+      out[t] += probs[t, e] * ((gelu(tok @ wi0[e]) * (tok @ wi1[e])) @ wo[e])
+  return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize('method', ['gather', 'einsum'])
+def test_layer_matches_direct_computation_without_drops(variables, inputs, method):
+  layer = _layer(dispatch_method=method, eval_capacity_factor=float(E))  # C = T: nothing can drop
+  y, state = _apply(layer, variables, inputs)
+  assert float(state['intermediates']['fraction_tokens_left_behind'][0]) == 0.0
+  np.testing.assert_allclose(y, _reference_layer_output(variables['params'], inputs, k=2),
+                             rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize('enable_dropout', [False, True])
+def test_gather_and_einsum_layers_agree_in_outputs_and_gradients(variables, inputs, enable_dropout):
+  upstream = jax.random.normal(jax.random.PRNGKey(7), inputs.shape)
+
+  def loss(method, params, x):
+    layer = _layer(dispatch_method=method, train_capacity_factor=0.75, jitter_noise=0.1,
+                   expert_dropout_rate=0.2, batch_prioritized_routing=True)
+    y, state = _apply(layer, {'params': params}, x, enable_dropout=enable_dropout)
+    aux = state['intermediates']['auxiliary_loss'][0] + state['intermediates']['router_z_loss'][0]
+    return jnp.sum(y * upstream) + aux
+
+  out = {m: jax.value_and_grad(functools.partial(loss, m), argnums=(0, 1))(variables['params'], inputs)
+         for m in ('gather', 'einsum')}
+  np.testing.assert_allclose(out['gather'][0], out['einsum'][0], rtol=1e-5)
+  flat_fast = jax.tree_util.tree_leaves(out['gather'][1])
+  flat_ref = jax.tree_util.tree_leaves(out['einsum'][1])
+  for g_fast, g_ref in zip(flat_fast, flat_ref):
+    np.testing.assert_allclose(g_fast, g_ref, rtol=1e-5, atol=1e-6)
+  router_grad = out['einsum'][1][0]['router']['router_weights']['w']['kernel']
+  assert np.abs(np.asarray(nn.unbox(router_grad))).max() > 0
+
+
+def test_metrics_are_sown_with_t5x_names(variables, inputs):
+  _, state = _apply(_layer(), variables, inputs)
+  metrics = state['intermediates']
+  assert set(metrics) == set(moe.METRIC_NAMES)
+  for name, value in metrics.items():
+    assert value[0].shape == () and value[0].dtype == jnp.float32, name
+  assert 1.0 <= float(metrics['auxiliary_loss'][0]) <= 2.0 * E  # about k near balance
+  assert float(metrics['router_z_loss'][0]) > 0
+  assert 0.0 <= float(metrics['fraction_tokens_left_behind'][0]) <= 1.0
+  assert 0.0 < float(metrics['expert_usage'][0]) <= 1.0
+  assert 0.0 < float(metrics['router_confidence'][0]) <= 1.0
+
+
+def test_train_capacity_drops_more_than_eval_capacity(variables, inputs):
+  layer = _layer(train_capacity_factor=0.5, eval_capacity_factor=4.0, min_expert_capacity=1)
+  _, train_state = _apply(layer, variables, inputs, enable_dropout=True)
+  _, eval_state = _apply(layer, variables, inputs, enable_dropout=False)
+  assert float(train_state['intermediates']['fraction_tokens_left_behind'][0]) > 0.2
+  assert float(eval_state['intermediates']['fraction_tokens_left_behind'][0]) == 0.0
+
+
+def test_padding_is_neither_routed_nor_influential(variables, inputs):
+  mask = jnp.ones((B, L)).at[0, 4:].set(0).at[1, 0].set(0)
+  layer = _layer(train_capacity_factor=0.75, min_expert_capacity=1, batch_prioritized_routing=True)
+  y, state = _apply(layer, variables, inputs, mask, enable_dropout=True)
+  noisy = jnp.where(mask[..., None] > 0, inputs, 100.0)
+  y_noisy, state_noisy = _apply(layer, variables, noisy, mask, enable_dropout=True)
+  np.testing.assert_array_equal(np.asarray(y)[np.asarray(mask) == 0], 0.0)
+  np.testing.assert_allclose(y, y_noisy, rtol=1e-6, atol=1e-6)
+  for name in moe.METRIC_NAMES:
+    np.testing.assert_allclose(state['intermediates'][name][0], state_noisy['intermediates'][name][0],
+                               rtol=1e-6)
+
+
+def test_layer_pads_tokens_to_a_valid_grouping():
+  x = jax.random.normal(jax.random.PRNGKey(3), (3, 5, H))  # 15 tokens; groups must be a multiple of E=4
+  layer = MoeLayer(num_experts=E, intermediate_dim=F, eval_capacity_factor=float(E))
+  variables = layer.init(RNGS, x, enable_dropout=False)
+  y, state = _apply(layer, variables, x)
+  assert y.shape == x.shape
+  # Padding tokens added by the layer count nowhere: every real token reached an expert.
+  assert float(state['intermediates']['fraction_tokens_left_behind'][0]) == 0.0
+  np.testing.assert_allclose(y, _reference_layer_output(variables['params'], x, k=2), rtol=2e-5,
+                             atol=2e-6)
+
+
+def test_jitter_and_expert_dropout_only_in_training(variables, inputs):
+  layer = _layer(jitter_noise=0.5, expert_dropout_rate=0.5)
+  y_eval_a, _ = _apply(layer, variables, inputs, rng=1)
+  y_eval_b, _ = _apply(layer, variables, inputs, rng=2)
+  np.testing.assert_array_equal(y_eval_a, y_eval_b)
+  y_plain, _ = _apply(_layer(), variables, inputs)
+  np.testing.assert_array_equal(y_eval_a, y_plain)
+  y_train_a, _ = _apply(layer, variables, inputs, enable_dropout=True, rng=1)
+  y_train_b, _ = _apply(layer, variables, inputs, enable_dropout=True, rng=2)
+  assert not np.allclose(y_train_a, y_train_b)
+
+
+def test_experts_choose_layer_runs_and_has_no_aux_loss(variables, inputs):
+  y, state = _apply(_layer(routing_method='experts_choose'), variables, inputs)
+  assert y.shape == inputs.shape
+  assert float(state['intermediates']['auxiliary_loss'][0]) == 0.0
+  assert float(state['intermediates']['expert_usage'][0]) == 1.0  # every slot filled: C <= T
+
+
+def test_bfloat16_experts_keep_a_float32_router(variables, inputs):
+  layer = _layer(dtype=jnp.bfloat16)
+  x16 = inputs.astype(jnp.bfloat16)
+  y, state = layer.apply(variables, x16, enable_dropout=False, mutable=['intermediates'],
+                         capture_intermediates=True)
+  assert y.dtype == jnp.bfloat16
+  router_out = state['intermediates']['router']['__call__'][0]
+  assert router_out.dtype == jnp.float32
+  y32, _ = _apply(_layer(), variables, x16.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(y, np.float32), y32, rtol=0.1, atol=0.05)
+  assert state['intermediates']['router_z_loss'][0].dtype == jnp.float32
+
+
+@pytest.mark.parametrize('overrides, error, match', [
+    (dict(num_experts=0), ValueError, 'num_experts'),
+    (dict(num_selected_experts=5), ValueError, 'num_selected_experts'),
+    (dict(train_capacity_factor=0.0), ValueError, 'train_capacity_factor'),
+    (dict(eval_capacity_factor=-1.0), ValueError, 'eval_capacity_factor'),
+    (dict(routing_method='random'), ValueError, 'routing_method'),
+    (dict(dispatch_method='scatter'), ValueError, 'dispatch method'),
+    (dict(strict_group_size=True, max_group_size=5), ValueError, 'strict_group_size'),
+])
+def test_bad_configuration_gets_a_clear_error(overrides, error, match):
+  with pytest.raises(error, match=match):
+    _layer(**overrides).init(RNGS, jnp.ones((B, L, H)), enable_dropout=False)
+
+
+def test_bad_inputs_get_a_clear_error(variables):
+  with pytest.raises(TypeError, match='floating point'):
+    _apply(_layer(), variables, jnp.ones((B, L, H), jnp.int32))
+  with pytest.raises(ValueError, match='padding_mask'):
+    _apply(_layer(), variables, jnp.ones((B, L, H)), jnp.ones((B, L + 1)))
