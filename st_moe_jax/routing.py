@@ -25,14 +25,20 @@ class Routing:
     buffer_token: <int32>[G, E, C] index in [0, T) of the token in slot (g, e, c); T where empty.
     buffer_weight: <float32>[G, E, C] combine weight of that token (its router probability for e);
       0 where empty. Differentiable with respect to the router probabilities.
+    num_tokens: T, the group size (static).
     expert_index: <int32>[G, T, k] each token's top-k experts before capacity is applied
       (tokens-choose only; None for experts-choose). The load-balancing loss uses it.
-    num_tokens: T, the group size (static).
+    token_slot: <int32>[G, T, k] the same assignment seen from the tokens: the flat slot e·C + c of each
+      choice, E·C where the choice was dropped (tokens-choose only). Lets the fast dispatch run every
+      direction, forward and backward, as a gather.
+    token_weight: <float32>[G, T, k] combine weight of each choice, 0 where dropped (tokens-choose only).
   """
   buffer_token: Array
   buffer_weight: Array
-  expert_index: Optional[Array]
   num_tokens: int = flax.struct.field(pytree_node=False)
+  expert_index: Optional[Array] = None
+  token_slot: Optional[Array] = None
+  token_weight: Optional[Array] = None
 
   @property
   def occupied(self) -> Array:
@@ -175,7 +181,7 @@ def tokens_choose(router_probs: Array, *, num_selected_experts: int, expert_capa
     padding_mask: optional [G, T], 1 for real tokens; padding tokens are never dispatched.
 
   Returns:
-    Routing with expert_index [G, T, k].
+    Routing with expert_index, token_slot and token_weight [G, T, k].
   """
   _check_group_probs(router_probs, expert_capacity)
   num_groups, num_tokens, num_experts = router_probs.shape
@@ -219,8 +225,15 @@ def tokens_choose(router_probs: Array, *, num_selected_experts: int, expert_capa
 
   buffer_token, buffer_weight = jax.vmap(fill)(position, walk_token, walk_prob)
   shape = (num_groups, num_experts, expert_capacity)
+
+  # Back from walk order to token order: [G, k, T] -> [G, T, k].
+  unorder = jnp.argsort(order, axis=-1)[:, None, :]
+  token_slot = jnp.take_along_axis(position.reshape(num_groups, k, num_tokens), unorder, axis=-1)
+  token_kept = jnp.take_along_axis(kept.reshape(num_groups, k, num_tokens), unorder, axis=-1)
+  token_weight = top_probs * jnp.swapaxes(token_kept, 1, 2)
   return Routing(buffer_token=buffer_token.reshape(shape), buffer_weight=buffer_weight.reshape(shape),
-                 expert_index=expert_index, num_tokens=num_tokens)
+                 expert_index=expert_index, token_slot=jnp.swapaxes(token_slot, 1, 2),
+                 token_weight=token_weight, num_tokens=num_tokens)
 
 
 def experts_choose(router_probs: Array, *, expert_capacity: int,
@@ -236,7 +249,7 @@ def experts_choose(router_probs: Array, *, expert_capacity: int,
     padding_mask: optional [G, T], 1 for real tokens.
 
   Returns:
-    Routing with expert_index None.
+    Routing without the token-major fields (a token may fill up to E slots).
   """
   _check_group_probs(router_probs, expert_capacity)
   num_groups, num_tokens, num_experts = router_probs.shape
@@ -255,8 +268,7 @@ def experts_choose(router_probs: Array, *, expert_capacity: int,
     pad = [(0, 0), (0, 0), (0, expert_capacity - take)]
     buffer_token = jnp.pad(buffer_token, pad, constant_values=num_tokens)
     buffer_weight = jnp.pad(buffer_weight, pad)
-  return Routing(buffer_token=buffer_token, buffer_weight=buffer_weight, expert_index=None,
-                 num_tokens=num_tokens)
+  return Routing(buffer_token=buffer_token, buffer_weight=buffer_weight, num_tokens=num_tokens)
 
 
 def routing_metrics(routing: Routing, padding_mask: Optional[Array] = None) -> dict[str, Array]:
