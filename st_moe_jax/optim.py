@@ -1,0 +1,361 @@
+"""Adafactor as t5x runs it, built from optax transformations; learning-rate schedules; parameter freezing.
+
+Semantics are `../shared/reference/routing.md` §9. The optimizer reads top to bottom:
+
+  scale_by_factored_rms      u = g / √v̂   (factored row/column statistics for large matrices)
+  clip_by_block_rms          u ← u / max(1, RMS(u))
+  scale_by_param_block_rms   u ← u · max(RMS(param), 1e-3)
+  scale_by_learning_rate     u ← −lr · u
+  [ema]                      optional momentum on the step, as t5x's beta1
+
+Expert kernels [E, H, F] / [E, F, H] carry a batch axis E: each expert is its own tensor for Adafactor, with
+its own row/column statistics, parameter scale and clipping. Which axes are batch axes comes from the
+parameters' logical axis names (`factor_rules`), so the model never tells the optimizer about experts.
+"""
+
+import dataclasses
+import re
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+PyTree = Any
+
+# Logical axes that stack independent tensors: experts, and scanned or stacked layers.
+BATCH_AXIS_NAMES = ('expert', 'layers', 'stack')
+
+# Parameters ST-MoE keeps frozen when fine-tuning (§4.2 of the paper): experts and routers.
+MOE_PARAM_PATTERNS = (r'(^|/)expert/', r'(^|/)router/')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Factor rules: which axes of each parameter are batch axes.
+
+@dataclasses.dataclass(frozen=True)
+class FactorRule:
+  """How Adafactor treats one parameter's axes (a pytree leaf).
+
+  Attributes:
+    batch_axes: axes indexing independent tensors (the leading 'expert' axis of expert kernels). They are
+      never factored and never averaged over: statistics, parameter scale and clipping are per index.
+  """
+  batch_axes: tuple[int, ...] = ()
+
+
+FactorRules = Union[None, PyTree, Callable[[PyTree], PyTree]]
+
+
+def _logical_spec(leaf: Any) -> jax.sharding.PartitionSpec:
+  if isinstance(leaf, jax.sharding.PartitionSpec):
+    return leaf
+  if isinstance(leaf, nn.meta.Partitioned):  # LogicallyPartitioned from nn.with_logical_partitioning
+    return leaf.get_partition_spec()
+  return jax.sharding.PartitionSpec()  # no metadata: nothing is a batch axis
+
+
+def factor_rules(logical_axes: PyTree, batch_axis_names: Sequence[str] = BATCH_AXIS_NAMES) -> PyTree:
+  """Per-parameter FactorRules from logical axis names.
+
+  Args:
+    logical_axes: the boxed parameters (as `model.init` or `jax.eval_shape(model.init, ...)` return them,
+      with `nn.LogicallyPartitioned` leaves) or their logical specs (`nn.get_partition_spec(boxed)`).
+    batch_axis_names: logical names that mark batch axes.
+
+  Returns:
+    The parameters' tree (unboxed structure) with a FactorRule per leaf; e.g. FactorRule((0,)) for an
+    expert kernel with axes ('expert', 'mlp_embed', 'expert_mlp').
+  """
+  def rule(leaf):
+    spec = _logical_spec(leaf)
+    return FactorRule(tuple(i for i, name in enumerate(spec) if name in batch_axis_names))
+
+  is_leaf = lambda x: isinstance(x, (jax.sharding.PartitionSpec, nn.meta.Partitioned))
+  return jax.tree.map(rule, logical_axes, is_leaf=is_leaf)
+
+
+def _resolve_rules(rules: FactorRules, params: PyTree) -> PyTree:
+  if rules is None:
+    return jax.tree.map(lambda _: FactorRule(), params)
+  if callable(rules):
+    return rules(params)
+  return rules
+
+
+def _map_with_rules(fn: Callable[..., Any], rules: PyTree, params: PyTree, *rest: PyTree) -> PyTree:
+  """jax.tree.map(fn, rules, params, *rest), letting optax.MaskedNode subtrees (frozen params) through.
+
+  `rules` has the full parameter structure; under optax.multi_transform / masked the parameters, updates
+  and states have MaskedNode where a parameter belongs to another transformation.
+  """
+  def leaf_fn(rule, param, *xs):
+    if isinstance(param, optax.MaskedNode):
+      return param
+    if not isinstance(rule, FactorRule):
+      raise TypeError(f'Adafactor factor rules must have a FactorRule per parameter, got {rule!r}; build '
+                      f'them with optim.factor_rules(boxed_params).')
+    return fn(rule, param, *xs)
+  return jax.tree.map(leaf_fn, rules, params, *rest)
+
+
+def _free_axes(ndim: int, rule: FactorRule) -> tuple[int, ...]:
+  """Axes that statistics and RMS reduce over: all but the batch axes."""
+  return tuple(a for a in range(ndim) if a not in rule.batch_axes)
+
+
+def factored_axes(shape: Sequence[int], rule: FactorRule,
+                  min_dim_size_to_factor: int = 128) -> Optional[tuple[int, int]]:
+  """The (second-largest, largest) non-batch axes to factor over, or None to keep full statistics.
+
+  A tensor is factored when its two largest non-batch dimensions are both ≥ min_dim_size_to_factor
+  (t5x's heuristic, applied per expert for expert kernels).
+  """
+  by_size = sorted(_free_axes(len(shape), rule), key=lambda a: shape[a])  # stable: ties keep axis order
+  if len(by_size) < 2 or shape[by_size[-2]] < min_dim_size_to_factor:
+    return None
+  return by_size[-2], by_size[-1]
+
+
+def _block_rms(x: Array, rule: FactorRule) -> Array:
+  """RMS over the non-batch axes, keepdims: one value per expert for expert kernels."""
+  axes = _free_axes(x.ndim, rule)
+  return jnp.sqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transformations.
+
+
+class FactoredRmsState(NamedTuple):
+  """State of scale_by_factored_rms. Each field but count mirrors the parameter tree.
+
+  Attributes:
+    count: <int32>[] updates so far.
+    v_row: factored parameters: <float32> the parameter's shape with its largest non-batch axis set to 1
+      (means of g² over that axis; keepdims, so the statistic shards like its parameter); others [].
+    v_col: likewise, the mean over the second-largest non-batch axis.
+    v: unfactored parameters: <float32> the parameter's shape; factored ones <float32>[].
+  """
+  count: Array
+  v_row: PyTree
+  v_col: PyTree
+  v: PyTree
+
+
+class _LeafOut:
+  """Per-parameter results of one update (a pytree leaf, so trees of them split cleanly by field)."""
+
+  def __init__(self, update, v_row, v_col, v):
+    self.update, self.v_row, self.v_col, self.v = update, v_row, v_col, v
+
+
+def _field(tree: PyTree, name: str) -> PyTree:
+  return jax.tree.map(lambda out: getattr(out, name), tree)
+
+
+def _with_size_one(shape: Sequence[int], axis: int) -> tuple[int, ...]:
+  return tuple(1 if a == axis else d for a, d in enumerate(shape))
+
+
+def decay_rate_pow(count: Array, decay_rate: float = 0.8) -> Array:
+  """β₂ₜ = 1 − (t + 1)^−decay_rate: 0 at the first step (v = g²), approaching 1."""
+  t = jnp.asarray(count, jnp.float32) + 1.0
+  return 1.0 - t ** (-decay_rate)
+
+
+def scale_by_factored_rms(rules: FactorRules = None, *, decay_rate: float = 0.8, step_offset: int = 0,
+                          epsilon1: float = 1e-30,
+                          min_dim_size_to_factor: int = 128) -> optax.GradientTransformation:
+  """u = g / √v̂ with Adafactor's second-moment estimate v̂ of g² + ε₁.
+
+  Factored parameters (see `factored_axes`) keep a row statistic R (mean over the largest axis) and a
+  column statistic C (mean over the second largest); v̂ = R·C / mean(R), computed per batch index.
+
+  Args:
+    rules: FactorRules per parameter (`factor_rules`), a callable params → rules, or None (no batch axes).
+    decay_rate: β₂ₜ = 1 − (t − step_offset + 1)^−decay_rate.
+    step_offset: restart the decay schedule at this step (t5x's fine-tuning option).
+    epsilon1: added to g² (ε₁).
+    min_dim_size_to_factor: factor only if the two largest non-batch dims are at least this.
+  """
+  def init_fn(params):
+    def init_leaf(rule, p):
+      axes = factored_axes(p.shape, rule, min_dim_size_to_factor)
+      scalar = jnp.zeros((), jnp.float32)
+      if axes is None:
+        return _LeafOut(None, scalar, scalar, jnp.zeros(p.shape, jnp.float32))
+      col_axis, row_axis = axes
+      return _LeafOut(None, jnp.zeros(_with_size_one(p.shape, row_axis), jnp.float32),
+                      jnp.zeros(_with_size_one(p.shape, col_axis), jnp.float32), scalar)
+    out = _map_with_rules(init_leaf, _resolve_rules(rules, params), params)
+    return FactoredRmsState(jnp.zeros((), jnp.int32), _field(out, 'v_row'), _field(out, 'v_col'),
+                            _field(out, 'v'))
+
+  def update_fn(updates, state, params=None):
+    del params
+    beta = decay_rate_pow(state.count - step_offset, decay_rate)
+
+    def update_leaf(rule, g, v_row, v_col, v):
+      g = g.astype(jnp.float32)
+      g2 = jnp.square(g) + epsilon1
+      axes = factored_axes(g.shape, rule, min_dim_size_to_factor)
+      if axes is None:
+        v = beta * v + (1.0 - beta) * g2
+        return _LeafOut(g * jax.lax.rsqrt(v), v_row, v_col, v)
+      col_axis, row_axis = axes
+      v_row = beta * v_row + (1.0 - beta) * jnp.mean(g2, axis=row_axis, keepdims=True)
+      v_col = beta * v_col + (1.0 - beta) * jnp.mean(g2, axis=col_axis, keepdims=True)
+      # mean(R) over the row axis is the mean of g² over the whole matrix (per batch index).
+      row_col_mean = jnp.mean(v_row, axis=col_axis, keepdims=True)
+      u = g * jax.lax.rsqrt(v_row / row_col_mean) * jax.lax.rsqrt(v_col)
+      return _LeafOut(u, v_row, v_col, v)
+
+    out = _map_with_rules(update_leaf, _resolve_rules(rules, updates), updates, state.v_row, state.v_col,
+                          state.v)
+    new_state = FactoredRmsState(optax.safe_increment(state.count), _field(out, 'v_row'),
+                                 _field(out, 'v_col'), _field(out, 'v'))
+    return _field(out, 'update'), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_block_rms(threshold: float = 1.0, rules: FactorRules = None) -> optax.GradientTransformation:
+  """Update clipping: u ← u / max(1, RMS(u) / threshold), RMS per batch index (per expert)."""
+  def update_fn(updates, state, params=None):
+    del params
+    def clip(rule, u):
+      return u / jnp.maximum(1.0, _block_rms(u, rule) / threshold)
+    return _map_with_rules(clip, _resolve_rules(rules, updates), updates), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def scale_by_param_block_rms(min_scale: float = 1e-3,
+                             rules: FactorRules = None) -> optax.GradientTransformation:
+  """Parameter-scale step: u ← u · max(RMS(param), min_scale), RMS per batch index (per expert)."""
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError('scale_by_param_block_rms needs the parameters: call tx.update(grads, state, params).')
+    def scale(rule, u, p):
+      return u * jnp.maximum(_block_rms(p.astype(jnp.float32), rule), min_scale)
+    return _map_with_rules(scale, _resolve_rules(rules, updates), updates, params), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def adafactor(learning_rate: optax.ScalarOrSchedule, rules: FactorRules = None, *,
+              decay_rate: float = 0.8, step_offset: int = 0, min_dim_size_to_factor: int = 128,
+              epsilon1: float = 1e-30, clipping_threshold: Optional[float] = 1.0,
+              multiply_by_parameter_scale: bool = True, epsilon2: float = 1e-3,
+              momentum: Optional[float] = None) -> optax.GradientTransformation:
+  """Adafactor with t5x's defaults (routing.md §9).
+
+  Args:
+    learning_rate: a float or an optax schedule of the step (e.g. `rsqrt_schedule()`).
+    rules: FactorRules per parameter (`factor_rules(boxed_params)`): batch axes such as 'expert' get their
+      own statistics, parameter scale and clipping. None treats every axis as a tensor axis.
+    decay_rate, step_offset, epsilon1, min_dim_size_to_factor: see scale_by_factored_rms.
+    clipping_threshold: update clipping at this RMS; None disables it.
+    multiply_by_parameter_scale: step ∝ max(RMS(param), epsilon2) (relative step size).
+    momentum: t5x's beta1; None (default) keeps no first moment.
+  """
+  txs = [scale_by_factored_rms(rules, decay_rate=decay_rate, step_offset=step_offset, epsilon1=epsilon1,
+                               min_dim_size_to_factor=min_dim_size_to_factor)]
+  if clipping_threshold is not None:
+    txs.append(clip_by_block_rms(clipping_threshold, rules))
+  if multiply_by_parameter_scale:
+    txs.append(scale_by_param_block_rms(epsilon2, rules))
+  txs.append(optax.scale_by_learning_rate(learning_rate))
+  if momentum is not None:
+    # Momentum on the whole step (lr included), as t5x: m ← β₁m + (1 − β₁)·step.
+    txs.append(optax.ema(momentum, debias=False))
+  return optax.chain(*txs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Learning-rate schedules (t5x's utils.create_learning_rate_scheduler, the factors these runs use).
+
+LR_FACTORS = ('constant', 'linear_warmup', 'rsqrt_decay')
+
+
+def create_learning_rate_scheduler(factors: str = 'constant * rsqrt_decay',
+                                   base_learning_rate: float = 1.0,
+                                   warmup_steps: int = 10_000) -> optax.Schedule:
+  """A schedule multiplying t5x's named factors, e.g. 'constant * rsqrt_decay'.
+
+  constant: base_learning_rate; linear_warmup: min(1, step / warmup_steps);
+  rsqrt_decay: 1 / √max(step, warmup_steps) (constant 1/√warmup during warm-up).
+  """
+  names = [name.strip() for name in factors.split('*')]
+  unknown = [name for name in names if name not in LR_FACTORS]
+  if unknown:
+    raise ValueError(f'Unknown learning-rate factor(s) {unknown} in factors={factors!r}; '
+                     f'supported: {LR_FACTORS}.')
+  if warmup_steps < 1 and {'linear_warmup', 'rsqrt_decay'} & set(names):
+    raise ValueError(f'warmup_steps must be >= 1 for {factors!r} (1/sqrt(0) is infinite), '
+                     f'got {warmup_steps}.')
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    lr = jnp.ones((), jnp.float32)
+    for name in names:
+      if name == 'constant':
+        lr = lr * base_learning_rate
+      elif name == 'linear_warmup':
+        lr = lr * jnp.minimum(1.0, step / warmup_steps)
+      else:
+        lr = lr * jax.lax.rsqrt(jnp.maximum(step, float(warmup_steps)))
+    return lr
+  return schedule
+
+
+def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) -> optax.Schedule:
+  """Pretraining: base / √max(step, warmup_steps)."""
+  return create_learning_rate_scheduler('constant * rsqrt_decay', base_learning_rate, warmup_steps)
+
+
+def constant_schedule(learning_rate: float = 1e-3) -> optax.Schedule:
+  """Fine-tuning: a constant learning rate (ST-MoE / t5x: 1e-3)."""
+  return create_learning_rate_scheduler('constant', learning_rate)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Freezing parameters by regex on their path.
+
+def _key_name(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def param_paths(params: PyTree) -> PyTree:
+  """The '/'-joined path of every leaf, e.g. 'encoder/layers_3/mlp/expert/wi_0/kernel'."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: '/'.join(_key_name(k) for k in path), params)
+
+
+def freeze(tx: optax.GradientTransformation,
+           patterns: Sequence[str] = MOE_PARAM_PATTERNS) -> optax.GradientTransformation:
+  """Applies `tx` only to parameters whose path matches none of `patterns` (re.search); the rest get zero
+  updates and no optimizer state.
+
+  The default patterns freeze experts and routers: ST-MoE fine-tunes the non-MoE parameters only.
+
+  Raises (at init): ValueError if a pattern matches no parameter, most likely a misspelt path.
+  """
+  patterns = tuple(patterns)
+  if not patterns:
+    return tx
+  compiled = [re.compile(p) for p in patterns]
+
+  def labels(params):
+    paths = jax.tree.leaves(param_paths(params))
+    for pattern in compiled:
+      if not any(pattern.search(path) for path in paths):
+        raise ValueError(f'Freeze pattern {pattern.pattern!r} matches no parameter; parameter paths look '
+                         f'like {paths[:3]}. Fix the pattern (it is matched with re.search on the path).')
+    return jax.tree.map(lambda path: 'frozen' if any(p.search(path) for p in compiled) else 'trained',
+                        param_paths(params))
+
+  return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
