@@ -2,6 +2,6 @@
 # The test command: sets up .venv from requirements.txt and runs the whole suite (slow tests included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_venv.sh
+bash scripts/setup_venv.sh -r requirements-test.txt
 export TF_CPP_MIN_LOG_LEVEL=3
 exec .venv/bin/python -m pytest -q -n 2 --durations=15 tests "$@"

@@ -84,6 +84,7 @@ class MoeLayer(nn.Module):
     batch_prioritized_routing: BPR for tokens-choose (encoder only).
     train_capacity_factor / eval_capacity_factor: cf used when enable_dropout is True / False.
     min_expert_capacity: lower bound on C.
+    expert_capacity: a fixed C per group, replacing the capacity factors (HF Switch's `expert_capacity`).
     max_group_size: tokens per routing group at most (GROUP_SIZE).
     strict_group_size: raise instead of choosing a smaller group size or padding.
     num_expert_replicas: devices ÷ (expert partitions × model partitions), at least 1.
@@ -103,6 +104,7 @@ class MoeLayer(nn.Module):
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   min_expert_capacity: int = 4
+  expert_capacity: Optional[int] = None
   max_group_size: int = 4096
   strict_group_size: bool = False
   num_expert_replicas: int = 1
@@ -125,18 +127,22 @@ class MoeLayer(nn.Module):
     for name in ('train_capacity_factor', 'eval_capacity_factor'):
       if getattr(self, name) <= 0:
         raise ValueError(f'MoeLayer.{name} must be > 0, got {getattr(self, name)}.')
+    if self.expert_capacity is not None and self.expert_capacity < 1:
+      raise ValueError(f'MoeLayer.expert_capacity must be >= 1 (or None), got {self.expert_capacity}.')
     if self.num_expert_replicas < 1:
       raise ValueError(f'MoeLayer.num_expert_replicas must be >= 1, got {self.num_expert_replicas}.')
 
   @nn.compact
   def __call__(self, inputs: Array, padding_mask: Optional[Array] = None, *,
-               enable_dropout: bool = True) -> Array:
+               enable_dropout: bool = True, decode: bool = False) -> Array:
     """Applies the layer.
 
     Args:
       inputs: <float>[B, L, H] token representations.
       padding_mask: optional [B, L], 1 for real tokens, 0 for padding (never routed, not in losses).
       enable_dropout: training mode: train capacity factor, jitter and expert dropout.
+      decode: an incremental decoding step. Its tokens are never dropped: C is raised to at least T
+        (an expert receives at most one choice per token), whatever the other sequences route to.
 
     Returns:
       <float>[B, L, H] in the inputs' dtype; zeros for dropped and padding tokens.
@@ -168,8 +174,13 @@ class MoeLayer(nn.Module):
         x, apply_jitter=enable_dropout)  # [G, T, E] float32
     probs = jax.nn.softmax(logits, axis=-1)
     capacity_factor = self.train_capacity_factor if enable_dropout else self.eval_capacity_factor
-    capacity = routing.expert_capacity(tokens_per_group, self.num_experts, capacity_factor,
-                                       self.min_expert_capacity)
+    if self.expert_capacity is not None:
+      capacity = self.expert_capacity
+    else:
+      capacity = routing.expert_capacity(tokens_per_group, self.num_experts, capacity_factor,
+                                         self.min_expert_capacity)
+    if decode:
+      capacity = max(capacity, tokens_per_group)
     if self.routing_method == 'tokens_choose':
       route = routing.tokens_choose(
           probs, num_selected_experts=self.num_selected_experts, expert_capacity=capacity,

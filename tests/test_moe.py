@@ -30,8 +30,8 @@ def variables(inputs):
   return _layer().init(RNGS, inputs, enable_dropout=False)
 
 
-def _apply(layer, variables, x, padding_mask=None, enable_dropout=False, rng=2):
-  return layer.apply(variables, x, padding_mask, enable_dropout=enable_dropout,
+def _apply(layer, variables, x, padding_mask=None, enable_dropout=False, rng=2, decode=False):
+  return layer.apply(variables, x, padding_mask, enable_dropout=enable_dropout, decode=decode,
                      rngs={'dropout': jax.random.PRNGKey(rng)}, mutable=['intermediates'])
 
 
@@ -227,3 +227,17 @@ def test_bad_inputs_get_a_clear_error(variables):
     _apply(_layer(), variables, jnp.ones((B, L, H), jnp.int32))
   with pytest.raises(ValueError, match='padding_mask'):
     _apply(_layer(), variables, jnp.ones((B, L, H)), jnp.ones((B, L + 1)))
+
+
+def test_fixed_expert_capacity_and_decode_steps_never_drop(variables, inputs):
+  fixed = _layer(expert_capacity=1)
+  _, state = _apply(fixed, variables, inputs)
+  # 12 tokens, 4 experts with 1 slot each: at most 4 tokens reach an expert.
+  assert float(state['intermediates']['fraction_tokens_left_behind'][0]) >= 8 / 12 - 1e-6
+  assert float(state['intermediates']['expert_usage'][0]) == 1.0
+  y_decode, state = _apply(fixed, variables, inputs, decode=True)  # C raised to T = 12
+  assert float(state['intermediates']['fraction_tokens_left_behind'][0]) == 0.0
+  np.testing.assert_allclose(y_decode, _reference_layer_output(variables['params'], inputs, k=2),
+                             rtol=2e-5, atol=2e-6)
+  with pytest.raises(ValueError, match='expert_capacity'):
+    _layer(expert_capacity=0).init(RNGS, inputs, enable_dropout=False)
