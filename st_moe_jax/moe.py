@@ -134,7 +134,8 @@ class MoeLayer(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: Array, padding_mask: Optional[Array] = None, *,
-               enable_dropout: bool = True, decode: bool = False) -> Array:
+               enable_dropout: bool = True, decode: bool = False,
+               router_logits: Optional[Array] = None) -> Array:
     """Applies the layer.
 
     Args:
@@ -143,6 +144,8 @@ class MoeLayer(nn.Module):
       enable_dropout: training mode: train capacity factor, jitter and expert dropout.
       decode: an incremental decoding step. Its tokens are never dropped: C is raised to at least T
         (an expert receives at most one choice per token), whatever the other sequences route to.
+      router_logits: optional <float>[B, L, E] scores from a router outside the layer (e.g. a recurrent
+        router shared across layers); the layer's own linear router is then not created.
 
     Returns:
       <float>[B, L, H] in the inputs' dtype; zeros for dropped and padding tokens.
@@ -170,8 +173,15 @@ class MoeLayer(nn.Module):
     real = real.reshape(num_groups, tokens_per_group)  # [G, T]
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
-    logits = LinearRouter(self.num_experts, self.jitter_noise, name='router')(
-        x, apply_jitter=enable_dropout)  # [G, T, E] float32
+    if router_logits is None:
+      logits = LinearRouter(self.num_experts, self.jitter_noise, name='router')(
+          x, apply_jitter=enable_dropout)  # [G, T, E] float32
+    else:
+      if router_logits.shape != (batch, length, self.num_experts):
+        raise ValueError(f'router_logits has shape {router_logits.shape}; expected [batch, length, '
+                         f'num_experts] = {(batch, length, self.num_experts)}.')
+      logits = jnp.pad(router_logits.astype(jnp.float32), pads + ((0, 0),))
+      logits = logits.reshape(num_groups, tokens_per_group, self.num_experts)
     probs = jax.nn.softmax(logits, axis=-1)
     capacity_factor = self.train_capacity_factor if enable_dropout else self.eval_capacity_factor
     if self.expert_capacity is not None:

@@ -30,9 +30,10 @@ def variables(inputs):
   return _layer().init(RNGS, inputs, enable_dropout=False)
 
 
-def _apply(layer, variables, x, padding_mask=None, enable_dropout=False, rng=2, decode=False):
+def _apply(layer, variables, x, padding_mask=None, enable_dropout=False, rng=2, decode=False,
+           router_logits=None):
   return layer.apply(variables, x, padding_mask, enable_dropout=enable_dropout, decode=decode,
-                     rngs={'dropout': jax.random.PRNGKey(rng)}, mutable=['intermediates'])
+                     router_logits=router_logits, rngs={'dropout': jax.random.PRNGKey(rng)}, mutable=['intermediates'])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,3 +242,15 @@ def test_fixed_expert_capacity_and_decode_steps_never_drop(variables, inputs):
                              rtol=2e-5, atol=2e-6)
   with pytest.raises(ValueError, match='expert_capacity'):
     _layer(expert_capacity=0).init(RNGS, inputs, enable_dropout=False)
+
+
+def test_external_router_logits_replace_the_linear_router(variables, inputs):
+  params = nn.unbox(variables)['params']
+  w = params['router']['router_weights']['w']['kernel']
+  external = jnp.einsum('blh,he->ble', inputs, w)
+  expert_only = {'params': {'expert': variables['params']['expert']}}
+  y_ext, _ = _apply(_layer(), expert_only, inputs, router_logits=external)
+  y_own, _ = _apply(_layer(), variables, inputs)
+  np.testing.assert_allclose(y_ext, y_own, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='router_logits'):
+    _apply(_layer(), expert_only, inputs, router_logits=external[..., :2])
