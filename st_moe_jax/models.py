@@ -1,7 +1,9 @@
 """Encoder-decoder and decoder-only transformers (T5 v1.1 / ST-MoE / Switch), with sparse MoE layers.
 
 The architecture only decides where the sparse layers go (`sparse_layer_indices`) and wires them; the MoE
-layer itself is `moe.MoeLayer`. Parameter names follow flaxformer (DESIGN.md §3), e.g.
+layer itself is `moe.MoeLayer` (or `lory.LoryMoeLayer`, MoeConfig.moe_type='lory'). With
+MoeConfig.router='recurrent' (RMoE) each stack owns one recurrent cell shared by its MoE layers, and the
+per-token routing state flows through the stack's layers in depth order (see `routers.RecurrentRouter`). Parameter names follow flaxformer (DESIGN.md §3), e.g.
 `encoder/layers_3/mlp/expert/wi_0/kernel`, `decoder/layers_1/extra_mlp/wo/kernel`, `token_embedder/embedding`.
 
 Notation: B batch, L length (Le encoder, Ld decoder), H d_model, N heads, D head dim, V vocabulary.
@@ -16,13 +18,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from st_moe_jax import lory as lory_lib
 from st_moe_jax import moe as moe_lib
+from st_moe_jax import routers as routers_lib
 from st_moe_jax.layers import (Dense, Embed, MlpBlock, MultiHeadDotProductAttention, RelativePositionBiases,
                                RMSNorm, combine_masks, make_attention_mask, make_causal_mask)
 
 Array = jax.Array
 
 LAYOUTS = ('BOTTOM', 'MIDDLE', 'MIXED', 'TOP')
+ROUTERS = ('linear', 'recurrent')
+MOE_TYPES = ('sparse', 'lory')
 
 
 def sparse_layer_indices(num_layers: int, num_sparse_layers: int, layout: str) -> tuple[int, ...]:
@@ -110,6 +116,16 @@ class MoeConfig:
       routes this way); overrides group_size and group_multiple.
     expert_capacity: a fixed C per group instead of one from the capacity factors (HF Switch's
       `expert_capacity`).
+    router: 'linear' (ST-MoE, per layer) or 'recurrent' (RMoE: a GRU over depth shared by the stack's MoE
+      layers, feeding MoeLayer's `router_logits`) [ROUTER].
+    recurrent_router_dim: p, the GRU size (the RMoE paper's 128) [RECURRENT_ROUTER_DIM].
+    recurrent_router_cell: 'gru' or 'rnn' (ablation) [RECURRENT_ROUTER_CELL].
+    recurrent_router_state: 'pass' (RMoE), or the ablations 'detach' / 'none' [RECURRENT_ROUTER_STATE].
+    moe_type: 'sparse' (MoeLayer: routed tokens, capacity) or 'lory' (LoryMoeLayer: segment routing and
+      expert merging; causal decoder stacks only) [MOE_TYPE].
+    segment_length: Lory's T [SEGMENT_LENGTH].
+    lory_first_segment: 'uniform' (causal, default) or 'self_stopgrad' (the paper) [LORY_FIRST_SEGMENT].
+    lory_inference_routing: 'prompt' (default) or 'segment' [LORY_INFERENCE_ROUTING].
     The rest are `moe.MoeLayer`'s attributes of the same meaning.
   """
   num_sparse_layers: int = 0
@@ -133,11 +149,33 @@ class MoeConfig:
   jitter_noise: float = 0.0
   expert_dropout_rate: float = 0.0
   dispatch_method: str = 'gather'
+  router: str = 'linear'
+  recurrent_router_dim: int = 128
+  recurrent_router_cell: str = 'gru'
+  recurrent_router_state: str = 'pass'
+  moe_type: str = 'sparse'
+  segment_length: int = 256
+  lory_first_segment: str = 'uniform'
+  lory_inference_routing: str = 'prompt'
 
   def __post_init__(self):
     if self.expert_activations is not None:
       object.__setattr__(self, 'expert_activations', tuple(self.expert_activations))
     object.__setattr__(self, 'sparse_layout', str(self.sparse_layout).upper())
+    choices = [('router', ROUTERS), ('moe_type', MOE_TYPES),
+               ('recurrent_router_cell', routers_lib.RECURRENT_CELLS),
+               ('recurrent_router_state', routers_lib.RECURRENT_STATE_MODES),
+               ('lory_first_segment', lory_lib.FIRST_SEGMENT_MODES),
+               ('lory_inference_routing', lory_lib.INFERENCE_ROUTING_MODES)]
+    for name, allowed in choices:
+      if getattr(self, name) not in allowed:
+        raise ValueError(f'MoeConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.')
+    for name in ('recurrent_router_dim', 'segment_length'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'MoeConfig.{name} must be >= 1, got {getattr(self, name)}.')
+    if self.moe_type == 'lory' and self.router != 'linear':
+      raise ValueError(f'MoeConfig.router={self.router!r} does not apply to moe_type="lory", which routes '
+                       f'segments with its own linear router; use router="linear" with Lory.')
 
 
 def check_causal_moe(moe: Optional[MoeConfig], field: str) -> None:
@@ -151,6 +189,13 @@ def check_causal_moe(moe: Optional[MoeConfig], field: str) -> None:
     raise ValueError(f'{field}.batch_prioritized_routing=True orders tokens by router confidence over the '
                      f'whole group, leaking future tokens in a causal decoder; set it to False for the '
                      f'decoder (keep it for the encoder only).')
+
+
+def check_lory_stack(moe: Optional[MoeConfig], field: str) -> None:
+  """Lory's segments route the *next* segment: it only makes sense in a causal (decoder) stack."""
+  if moe is not None and moe.num_sparse_layers and moe.moe_type == 'lory':
+    raise ValueError(f'{field}.moe_type="lory" routes each segment on the previous one, which only makes '
+                     f'sense in a causal decoder; use moe_type="sparse" for {field}.')
 
 
 def _check_stack(moe: Optional[MoeConfig], num_layers: int, field: str) -> tuple[int, ...]:
@@ -191,7 +236,9 @@ class TransformerLayer(nn.Module):
   """One pre-norm layer: self-attention, optional cross-attention, FFN (dense or MoE), optional extra FFN.
 
   Sublayers: x + dropout(sublayer(RMSNorm(x))). The MoE layer is named `mlp` like the dense FFN, so a
-  sparse layer's params read `layers_i/mlp/expert/...` and `layers_i/mlp/router/...`.
+  sparse layer's params read `layers_i/mlp/expert/...` and `layers_i/mlp/router/...`. With the recurrent
+  router (RMoE) the layer's projections are `layers_i/router/{input,output}_projection/kernel` and the
+  shared cell lives in the stack (`<stack>/router/...`).
 
   Attributes:
     config: shapes.
@@ -199,19 +246,28 @@ class TransformerLayer(nn.Module):
     sparse: this layer's FFN is an MoE layer.
     causal: decoder self-attention (names it `self_attention`); an encoder layer names it `attention`.
     cross_attention: has an `encoder_decoder_attention` sublayer.
+    router_cell: the stack's shared `routers.RecurrentRouterCell` when moe.router == 'recurrent'.
   """
   config: TransformerConfig
   moe: Optional[MoeConfig] = None
   sparse: bool = False
   causal: bool = False
   cross_attention: bool = False
+  router_cell: Optional[nn.Module] = None
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array], bias: Optional[Array], padding_mask: Optional[Array],
                encoded: Optional[Array] = None, cross_mask: Optional[Array] = None, *,
-               enable_dropout: bool = False, decode: bool = False) -> Array:
+               router_state: Optional[Array] = None, prompt_mask: Optional[Array] = None,
+               enable_dropout: bool = False, decode: bool = False) -> tuple[Array, Optional[Array]]:
     """x: <dtype>[B, L, H]; mask [B|1, 1, L, L]; bias [B|1, N, L, L]; padding_mask [B, L] or None;
-    encoded [B, Le, H]; cross_mask [B, 1, L, Le]. Returns <dtype>[B, L, H]."""
+    encoded [B, Le, H]; cross_mask [B, 1, L, Le]; router_state <float32>[B, L, p] (RMoE, from the previous
+    MoE layer; None before the first); prompt_mask [B, L] (Lory's prompt routing at inference).
+
+    Returns:
+      (<dtype>[B, L, H], the routing state for the next layer: updated by a recurrent-router MoE layer,
+      passed through unchanged by any other layer).
+    """
     cfg = self.config
     attention = lambda name: MultiHeadDotProductAttention(cfg.num_heads, cfg.head_dim, cfg.dropout_rate,
                                                           cfg.dtype, name=name)
@@ -228,8 +284,19 @@ class TransformerLayer(nn.Module):
       x = x + dropout(h)
 
     h = norm('pre_mlp_layer_norm')(x)
-    if self.sparse:
-      h = self._moe_layer(h)(h, padding_mask, enable_dropout=enable_dropout, decode=decode)
+    if self.sparse and self.moe.moe_type == 'lory':
+      h = self._lory_layer()(h, padding_mask, prompt_mask=prompt_mask, enable_dropout=enable_dropout,
+                             decode=decode)
+    elif self.sparse:
+      logits = None
+      if self.moe.router == 'recurrent':
+        if self.router_cell is None:
+          raise ValueError('MoeConfig.router="recurrent" needs the stack to pass its shared router_cell.')
+        logits, router_state = routers_lib.RecurrentRouter(
+            self.moe.num_experts, self.router_cell, self.moe.jitter_noise, self.moe.recurrent_router_state,
+            name='router')(h, router_state, apply_jitter=enable_dropout)  # [B, L, E], [B, L, p]
+      h = self._moe_layer(h)(h, padding_mask, enable_dropout=enable_dropout, decode=decode,
+                             router_logits=logits)
     else:
       h = MlpBlock(cfg.mlp_dim, cfg.activations, cfg.dropout_rate, cfg.dtype, name='mlp')(
           h, enable_dropout=enable_dropout)
@@ -239,7 +306,15 @@ class TransformerLayer(nn.Module):
       h = MlpBlock(cfg.mlp_dim, cfg.activations, cfg.dropout_rate, cfg.dtype, name='extra_mlp')(
           h, enable_dropout=enable_dropout)
       x = x + dropout(h)
-    return x
+    return x, router_state
+
+  def _lory_layer(self) -> lory_lib.LoryMoeLayer:
+    m, cfg = self.moe, self.config
+    return lory_lib.LoryMoeLayer(
+        num_experts=m.num_experts, intermediate_dim=m.expert_mlp_dim or cfg.mlp_dim,
+        segment_length=m.segment_length, first_segment=m.lory_first_segment,
+        inference_routing=m.lory_inference_routing, activations=m.expert_activations or cfg.activations,
+        expert_dropout_rate=m.expert_dropout_rate, dtype=cfg.dtype, name='mlp')
 
   def _moe_layer(self, h: Array) -> moe_lib.MoeLayer:
     """The MoE layer. At a decode step (MoeLayer's `decode`) its capacity is raised so that no token of
@@ -261,6 +336,13 @@ class TransformerLayer(nn.Module):
         dispatch_method=m.dispatch_method, dtype=cfg.dtype, name='mlp')
 
 
+def _router_cell(moe: Optional[MoeConfig], sparse: set[int]) -> Optional[nn.Module]:
+  """The stack's shared RMoE cell (named `router`), or None. Call inside the stack's compact __call__."""
+  if moe is None or not sparse or moe.router != 'recurrent' or moe.moe_type != 'sparse':
+    return None
+  return routers_lib.RecurrentRouterCell(moe.recurrent_router_dim, moe.recurrent_router_cell, name='router')
+
+
 def _positions(positions: Optional[Array], length: int) -> Array:
   """[B, L] given positions, else [1, L] arange (the relative bias depends only on key − query)."""
   return jnp.arange(length)[None] if positions is None else positions
@@ -278,6 +360,7 @@ class Encoder(nn.Module):
     """tokens: <int>[B, Le] -> <dtype>[B, Le, H]."""
     cfg = self.config
     sparse = set(_check_stack(self.moe, cfg.num_encoder_layers, 'encoder_moe'))
+    check_lory_stack(self.moe, 'encoder_moe')
     real = tokens > 0
     mask = make_attention_mask(real, real)
     if segment_ids is not None:
@@ -287,9 +370,10 @@ class Encoder(nn.Module):
                                   name='relpos_bias')(pos, pos, bidirectional=True)
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=not enable_dropout)
     x = dropout(self.shared_embedding(tokens))
+    cell, state = _router_cell(self.moe, sparse), None  # the RMoE state starts at the first MoE layer
     for i in range(cfg.num_encoder_layers):
-      x = TransformerLayer(cfg, self.moe, i in sparse, name=f'layers_{i}')(
-          x, mask, bias, real, enable_dropout=enable_dropout)
+      x, state = TransformerLayer(cfg, self.moe, i in sparse, router_cell=cell, name=f'layers_{i}')(
+          x, mask, bias, real, router_state=state, enable_dropout=enable_dropout)
     x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name='encoder_norm')(x)
     return dropout(x)
 
@@ -353,10 +437,12 @@ class Decoder(nn.Module):
 
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=not enable_dropout)
     x = dropout(self.shared_embedding(decoder_input_tokens))
+    cell, state = _router_cell(self.moe, sparse), None  # the RMoE state starts at the first MoE layer
     for i in range(cfg.num_decoder_layers):
-      x = TransformerLayer(cfg, self.moe, i in sparse, causal=True, cross_attention=self.cross_attention,
-                           name=f'layers_{i}')(x, mask, bias, padding_mask, encoded, cross_mask,
-                                               enable_dropout=enable_dropout, decode=decode)
+      x, state = TransformerLayer(cfg, self.moe, i in sparse, causal=True, cross_attention=self.cross_attention,
+                                  router_cell=cell, name=f'layers_{i}')(
+          x, mask, bias, padding_mask, encoded, cross_mask, router_state=state,
+          prompt_mask=decoder_causal_attention, enable_dropout=enable_dropout, decode=decode)
     x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name='decoder_norm')(x)
     x = dropout(x)
     if cfg.logits_via_embedding:
@@ -385,6 +471,7 @@ class EncoderDecoder(nn.Module):
     # Refuse bad layouts and leaky decoder routing when the model is built, not deep inside a trace.
     _check_stack(self.encoder_moe, self.config.num_encoder_layers, 'encoder_moe')
     _check_stack(self.decoder_moe, self.config.num_decoder_layers, 'decoder_moe')
+    check_lory_stack(self.encoder_moe, 'encoder_moe')
     check_causal_moe(self.decoder_moe, 'decoder_moe')
     super().__post_init__()
 
@@ -467,6 +554,9 @@ class DecoderOnly(nn.Module):
 
     decoder_causal_attention: optional <int>[B, L], 1 on the prefix (inputs) positions, which then attend
       to each other bidirectionally (t5x's PrefixLM). Incremental decoding treats the prefix causally.
+      Lory layers with lory_inference_routing='prompt' also route on the mean of these positions when not
+      training; at decode steps pass it as [B, 1] (1 while the fed token belongs to the prompt) for the
+      same, otherwise decode steps route by segments.
     """
     return self.decoder(None, None, decoder_input_tokens, decoder_target_tokens, None, decoder_segment_ids,
                         decoder_positions, decoder_causal_attention, enable_dropout=enable_dropout,
