@@ -1,11 +1,13 @@
 """Benchmark: forward + backward of one MoE FFN layer, side by side in one process.
 
-For each number of experts E it times (jit-compiled, warmed up, median of --repeats runs):
-  gather  the MoeLayer with the fast gather dispatch,
-  einsum  the same layer with the one-hot einsum reference dispatch,
-  dense   the dense FFN with the same activated FLOPs (width k·F over all tokens),
-and prints one JSON line with the ratios, the fraction of (token, expert) assignments dropped and the
-compiled peak temporary memory of each.
+For each number of experts E it times (jit-compiled, warmed up, median of --repeats runs, the variants
+interleaved run by run so that a noisy machine slows them alike):
+  gather    the MoeLayer with the fast gather dispatch,
+  einsum    the same layer with the one-hot einsum reference dispatch,
+  dropless  the same layer with dropless routing (no capacity: sorted rows, grouped matmuls),
+  dense     the dense FFN with the same activated FLOPs (width k·F over all tokens),
+and prints one JSON line with the ratios, the fraction of (token, expert) assignments dropped by the
+capacity path and the compiled peak temporary memory of each.
 
 Capacity convention: as in flaxformer, C = max(round(cf·T/E), min_capacity) counts tokens, not assignments.
 To compare at equal work the default capacity factor is 1.25·k (2.5 for top-2), i.e. 1.25 slots per
@@ -46,18 +48,24 @@ def parse_args(argv=None):
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--repeats', type=int, default=7, help='timed runs per variant (median)')
   parser.add_argument('--skip_einsum', action='store_true', help='do not time the einsum reference')
+  parser.add_argument('--skip_dropless', action='store_true', help='do not time dropless routing')
+  parser.add_argument('--dropless_tile', type=int, default=None,
+                      help='rows per grouped-matmul tile (default: MoeLayer.dropless_tile_size)')
   return parser.parse_args(argv)
 
 
-def time_fn(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def time_fns(fns: dict, repeats: int) -> dict:
+  """{name: (fn, args)} -> {name: median seconds}, the runs of the variants interleaved."""
+  for fn, args in fns.values():
+    jax.block_until_ready(fn(*args))  # compile + warm-up
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, (fn, args) in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_temp_bytes(fn, *args):
@@ -85,10 +93,10 @@ def bench_one(num_experts, args):
   upstream = jax.random.normal(jax.random.PRNGKey(2), shape, jnp.float32)
   rngs = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(3)}
 
-  def moe_layer(method):
+  def moe_layer(method, **overrides):
     return MoeLayer(num_experts=num_experts, intermediate_dim=args.d_ff, num_selected_experts=args.k,
                     train_capacity_factor=capacity_factor, max_group_size=args.group_size, group_multiple=1,
-                    activations=activations, dispatch_method=method, dtype=dtype)
+                    activations=activations, dispatch_method=method, dtype=dtype, **overrides)
 
   result = {'num_experts': num_experts, 'tokens': args.batch * args.length, 'd_model': args.d_model,
             'd_ff': args.d_ff, 'k': args.k, 'capacity_factor': capacity_factor, 'dtype': args.dtype}
@@ -108,13 +116,19 @@ def bench_one(num_experts, args):
   variants = {'dense': (dense, dense_params), 'gather': (gather_layer, moe_params)}
   if not args.skip_einsum:
     variants['einsum'] = (moe_layer('einsum'), moe_params)
-  seconds, memory = {}, {}
+  if not args.skip_dropless:  # same parameters: dropless declares the experts as the capacity path does
+    tile = {} if args.dropless_tile is None else {'dropless_tile_size': args.dropless_tile}
+    variants['dropless'] = (moe_layer('gather', dropless=True, **tile), moe_params)
+  steps, memory = {}, {}
   for name, (module, params) in variants.items():
     step = train_step_fn(module, upstream)
-    seconds[name] = time_fn(step, params, x, repeats=args.repeats)
+    steps[name] = (step, (params, x))
     memory[name] = peak_temp_bytes(step, params, x)
+  seconds = time_fns(steps, args.repeats)
   result['ms'] = {name: round(1e3 * s, 2) for name, s in seconds.items()}
   result['gather_vs_dense'] = round(seconds['gather'] / seconds['dense'], 3)
+  if 'dropless' in seconds:
+    result['dropless_vs_dense'] = round(seconds['dropless'] / seconds['dense'], 3)
   if 'einsum' in seconds:
     result['einsum_vs_dense'] = round(seconds['einsum'] / seconds['dense'], 3)
     result['gather_speedup_over_einsum'] = round(seconds['einsum'] / seconds['gather'], 3)

@@ -12,12 +12,12 @@ import jax.numpy as jnp
 
 from st_moe_jax import dispatch as dispatch_lib
 from st_moe_jax import routing
-from st_moe_jax.layers import MlpBlock
+from st_moe_jax.layers import ACTIVATIONS, MlpBlock
 from st_moe_jax.routers import LinearRouter
 
 Array = jax.Array
 
-ROUTING_METHODS = ('tokens_choose', 'experts_choose')
+ROUTING_METHODS = ('tokens_choose', 'experts_choose', 'sparsemixer')
 METRIC_NAMES = ('auxiliary_loss', 'router_z_loss', 'fraction_tokens_left_behind', 'expert_usage',
                 'router_confidence')
 
@@ -80,8 +80,16 @@ class MoeLayer(nn.Module):
     num_experts: E.
     intermediate_dim: F of each expert.
     num_selected_experts: k (tokens-choose): 1 for Switch, 2 for ST-MoE.
-    routing_method: 'tokens_choose' or 'experts_choose' (encoder only).
-    batch_prioritized_routing: BPR for tokens-choose (encoder only).
+    routing_method: 'tokens_choose' (top-k), 'experts_choose' (encoder only) or 'sparsemixer' (GRIN's
+      SparseMixer-v2: top-k sampled in training from the 'dropout' RNG stream, argmax in evaluation;
+      its multipliers are the combine weights, not renormalised).
+    batch_prioritized_routing: BPR for tokens-choose and sparsemixer (encoder only).
+    sparsemixer_eps: SparseMixer's mask threshold eps (GRIN's router_jitter_noise, 0.01).
+    dropless: every token reaches its k experts, no capacity (GRIN, MegaBlocks): choices are sorted by
+      expert and run through grouped matmuls. tokens_choose and sparsemixer only. The capacity factors
+      and expert_capacity are then unused. Sorts all tokens of the batch together (no expert parallelism).
+    dropless_tile_size: rows per tile of the grouped matmul; each expert wastes fewer than this many rows.
+    grouped_matmul_method: 'auto' (ragged_dot on GPU/TPU, tiled on CPU), 'tiled' or 'ragged_dot'.
     train_capacity_factor / eval_capacity_factor: cf used when enable_dropout is True / False.
     min_expert_capacity: lower bound on C.
     expert_capacity: a fixed C per group, replacing the capacity factors (HF Switch's `expert_capacity`).
@@ -101,6 +109,10 @@ class MoeLayer(nn.Module):
   num_selected_experts: int = 2
   routing_method: str = 'tokens_choose'
   batch_prioritized_routing: bool = False
+  sparsemixer_eps: float = 0.01
+  dropless: bool = False
+  dropless_tile_size: int = 64
+  grouped_matmul_method: str = 'auto'
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   min_expert_capacity: int = 4
@@ -131,6 +143,14 @@ class MoeLayer(nn.Module):
       raise ValueError(f'MoeLayer.expert_capacity must be >= 1 (or None), got {self.expert_capacity}.')
     if self.num_expert_replicas < 1:
       raise ValueError(f'MoeLayer.num_expert_replicas must be >= 1, got {self.num_expert_replicas}.')
+    if self.dropless and self.routing_method == 'experts_choose':
+      raise ValueError('MoeLayer.dropless needs routing_method="tokens_choose" or "sparsemixer": '
+                       'experts-choose has no per-token choices to keep.')
+    if self.dropless_tile_size < 1:
+      raise ValueError(f'MoeLayer.dropless_tile_size must be >= 1, got {self.dropless_tile_size}.')
+    if self.grouped_matmul_method not in dispatch_lib.GROUPED_MATMUL_METHODS:
+      raise ValueError(f'MoeLayer.grouped_matmul_method must be one of '
+                       f'{dispatch_lib.GROUPED_MATMUL_METHODS}, got {self.grouped_matmul_method!r}.')
 
   @nn.compact
   def __call__(self, inputs: Array, padding_mask: Optional[Array] = None, *,
@@ -141,7 +161,7 @@ class MoeLayer(nn.Module):
     Args:
       inputs: <float>[B, L, H] token representations.
       padding_mask: optional [B, L], 1 for real tokens, 0 for padding (never routed, not in losses).
-      enable_dropout: training mode: train capacity factor, jitter and expert dropout.
+      enable_dropout: training mode: train capacity factor, jitter, expert dropout, SparseMixer sampling.
       decode: an incremental decoding step. Its tokens are never dropped: C is raised to at least T
         (an expert receives at most one choice per token), whatever the other sequences route to.
       router_logits: optional <float>[B, L, E] scores from a router outside the layer (e.g. a recurrent
@@ -191,26 +211,89 @@ class MoeLayer(nn.Module):
                                          self.min_expert_capacity)
     if decode:
       capacity = max(capacity, tokens_per_group)
-    if self.routing_method == 'tokens_choose':
-      route = routing.tokens_choose(
-          probs, num_selected_experts=self.num_selected_experts, expert_capacity=capacity,
-          batch_prioritized=self.batch_prioritized_routing, padding_mask=real)
-      aux_loss = routing.load_balancing_loss(probs, route.expert_index, real)
-    else:
+    if self.routing_method == 'experts_choose':
       route = routing.experts_choose(probs, expert_capacity=capacity, padding_mask=real)
       aux_loss = jnp.zeros((), jnp.float32)
+    else:
+      expert_index, weights, aux_loss = self._token_choices(logits, probs, real, enable_dropout)
+      if not self.dropless:  # for top-k this is exactly routing.tokens_choose
+        route = routing.assign_slots(
+            expert_index, weights, num_experts=self.num_experts, expert_capacity=capacity,
+            priority=weights[..., 0] if self.batch_prioritized_routing else None, padding_mask=real)
 
-    expert_inputs = dispatch_lib.dispatch(x, route, self.dispatch_method)  # [G, E, C, H]
-    expert_outputs = self._run_experts(expert_inputs, enable_dropout)
-    y = dispatch_lib.combine(expert_outputs, route, self.dispatch_method)  # [G, T, H]
+    if self.dropless:
+      y = self._run_dropless_experts(x, expert_index, weights, real, enable_dropout)  # [G, T, H]
+      route_metrics = routing.dropless_metrics(weights, real)
+    else:
+      expert_inputs = dispatch_lib.dispatch(x, route, self.dispatch_method)  # [G, E, C, H]
+      expert_outputs = self._run_experts(expert_inputs, enable_dropout)
+      y = dispatch_lib.combine(expert_outputs, route, self.dispatch_method)  # [G, T, H]
+      route_metrics = routing.routing_metrics(route, real)
 
     metrics = {'auxiliary_loss': aux_loss, 'router_z_loss': routing.router_z_loss(logits, real),
-               **routing.routing_metrics(route, real)}
+               **route_metrics}
     for name in METRIC_NAMES:
       self.sow('intermediates', name, metrics[name])
 
     y = y.reshape(padded_batch, padded_length, hidden)[:batch, :length]
     return y.astype(inputs.dtype)
+
+  def _token_choices(self, logits: Array, probs: Array, real: Array, enable_dropout: bool
+                     ) -> tuple[Array, Array, Array]:
+    """Each token's k experts: <int32>[G, T, k], combine weights <float32>[G, T, k], aux loss."""
+    k = self.num_selected_experts
+    if self.routing_method == 'tokens_choose':
+      weights, expert_index = jax.lax.top_k(probs, k)  # ties -> lower expert index
+      expert_index = expert_index.astype(jnp.int32)
+      return expert_index, weights, routing.load_balancing_loss(probs, expert_index, real)
+    rng = self.make_rng('dropout') if enable_dropout else None  # sampling only in training
+    expert_index, weights = routing.sparsemixer(logits, num_selected_experts=k,
+                                                jitter_eps=self.sparsemixer_eps, rng=rng)
+    # GRIN's balance loss counts the deterministic top-k of the full softmax, not the samples, and over
+    # the whole batch ("global"), not per group: one group of G·T tokens.
+    top_index = jax.lax.top_k(probs, k)[1]
+    aux_loss = routing.load_balancing_loss(probs.reshape(1, -1, self.num_experts),
+                                           top_index.reshape(1, -1, k), real.reshape(1, -1))
+    return expert_index, weights, aux_loss
+
+  def _expert_mlp(self, enable_dropout: bool) -> tuple:
+    """The experts: one MlpBlock vmapped over the 'expert' axis (params [E, ...]), and its module."""
+    experts = nn.vmap(
+        lambda mlp, h: mlp(h, enable_dropout=enable_dropout),
+        variable_axes={'params': 0},
+        split_rngs={'params': True, 'dropout': True},
+        in_axes=0, out_axes=0,
+        metadata_params={nn.PARTITION_NAME: 'expert'})
+    mlp = MlpBlock(self.intermediate_dim, self.activations, self.expert_dropout_rate, self.dtype,
+                   input_axis_name='mlp_embed', intermediate_axis_name='expert_mlp', name='expert')
+    return experts, mlp
+
+  def _run_dropless_experts(self, x: Array, expert_index: Array, weights: Array, real: Array,
+                            enable_dropout: bool) -> Array:
+    """Every (token, choice) through its expert: x [G, T, H], expert_index / weights [G, T, k] -> [G, T, H].
+
+    The choices are sorted by expert into R rows (dispatch.dropless_layout), the expert MLP runs as grouped
+    matmuls over the rows, and the rows are combined back with the weights. Padding tokens get no row.
+    """
+    num_groups, tokens_per_group, hidden = x.shape
+    experts, mlp = self._expert_mlp(enable_dropout=False)
+    # Run on no tokens: declares the expert parameters exactly as the capacity path does (names, init,
+    # partitioning), so checkpoints and tests move freely between the two paths.
+    experts(mlp, jnp.zeros((self.num_experts, 0, hidden), self.dtype))
+    kernels = nn.unbox(mlp.variables['params'])
+    layout = dispatch_lib.dropless_layout(expert_index, self.num_experts, real, self.dropless_tile_size)
+    rows = dispatch_lib.dropless_dispatch(x.astype(self.dtype), layout)  # [R, H]
+    names = ['wi'] if len(self.activations) == 1 else [f'wi_{i}' for i in range(len(self.activations))]
+    hidden_rows = None
+    for name, act in zip(names, self.activations):
+      h = dispatch_lib.grouped_matmul(rows, kernels[name]['kernel'].astype(self.dtype), layout,
+                                      self.grouped_matmul_method)  # [R, F]
+      h = ACTIVATIONS[act](h)
+      hidden_rows = h if hidden_rows is None else hidden_rows * h
+    hidden_rows = nn.Dropout(rate=self.expert_dropout_rate)(hidden_rows, deterministic=not enable_dropout)
+    out = dispatch_lib.grouped_matmul(hidden_rows, kernels['wo']['kernel'].astype(self.dtype), layout,
+                                      self.grouped_matmul_method)  # [R, H]
+    return dispatch_lib.dropless_combine(out, weights, layout)
 
   def _run_experts(self, expert_inputs: Array, enable_dropout: bool) -> Array:
     """[G, E, C, H] → [G, E, C, H]: each expert's MLP on its G·C buffer rows.
@@ -223,14 +306,7 @@ class MoeLayer(nn.Module):
     x = jnp.swapaxes(x, 0, 1).reshape(num_experts, num_groups * capacity, hidden)
     x = nn.with_logical_constraint(x, ('expert', 'expert_replicas', 'mlp_embed'))
 
-    experts = nn.vmap(
-        lambda mlp, h: mlp(h, enable_dropout=enable_dropout),
-        variable_axes={'params': 0},
-        split_rngs={'params': True, 'dropout': True},
-        in_axes=0, out_axes=0,
-        metadata_params={nn.PARTITION_NAME: 'expert'})
-    mlp = MlpBlock(self.intermediate_dim, self.activations, self.expert_dropout_rate, self.dtype,
-                   input_axis_name='mlp_embed', intermediate_axis_name='expert_mlp', name='expert')
+    experts, mlp = self._expert_mlp(enable_dropout)
     y = experts(mlp, x)  # [E, G·C, H]
 
     y = nn.with_logical_constraint(y, ('expert', 'expert_replicas', 'mlp_embed'))

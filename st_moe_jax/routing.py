@@ -184,18 +184,47 @@ def tokens_choose(router_probs: Array, *, num_selected_experts: int, expert_capa
     Routing with expert_index, token_slot and token_weight [G, T, k].
   """
   _check_group_probs(router_probs, expert_capacity)
-  num_groups, num_tokens, num_experts = router_probs.shape
+  num_experts = router_probs.shape[-1]
   k = num_selected_experts
   if not 1 <= k <= num_experts:
     raise ValueError(f'num_selected_experts must be in [1, num_experts={num_experts}], got {k}.')
-  probs = router_probs.astype(jnp.float32)
+  top_probs, expert_index = jax.lax.top_k(router_probs.astype(jnp.float32), k)  # ties -> lower index
+  return assign_slots(expert_index.astype(jnp.int32), top_probs, num_experts=num_experts,
+                      expert_capacity=expert_capacity,
+                      priority=top_probs[..., 0] if batch_prioritized else None, padding_mask=padding_mask)
+
+
+def assign_slots(expert_index: Array, weights: Array, *, num_experts: int, expert_capacity: int,
+                 priority: Optional[Array] = None, padding_mask: Optional[Array] = None) -> Routing:
+  """Gives each (token, choice) a buffer slot of its expert, or drops it: tokens-choose capacity.
+
+  Choices are walked k-major (every token's first choice, then every second choice, ...), in token order
+  or, when `priority` is given, in order of descending priority (stable; padding last). A choice keeps
+  its slot iff fewer than C earlier choices went to the same expert. Shared by top-k tokens-choose and
+  SparseMixer, whose choices come from sampling rather than top-k.
+
+  Args:
+    expert_index: <int32>[G, T, k] each token's experts, distinct within a token.
+    weights: <float32>[G, T, k] their combine weights (differentiable).
+    num_experts: E.
+    expert_capacity: C.
+    priority: optional <float>[G, T] batch-prioritized routing order (looks at the whole group).
+    padding_mask: optional [G, T], 1 for real tokens; padding tokens are never dispatched.
+
+  Returns:
+    Routing with expert_index, token_slot and token_weight [G, T, k].
+  """
+  if expert_capacity < 1:
+    raise ValueError(f'expert_capacity must be >= 1, got {expert_capacity}.')
+  if expert_index.ndim != 3 or expert_index.shape != weights.shape:
+    raise ValueError(f'expert_index and weights must both be [G, T, k], got {expert_index.shape} and '
+                     f'{weights.shape}.')
+  num_groups, num_tokens, k = expert_index.shape
+  top_probs = weights.astype(jnp.float32)
   real = _real_mask((num_groups, num_tokens), padding_mask) > 0
 
-  top_probs, expert_index = jax.lax.top_k(probs, k)  # [G, T, k]; ties -> lower expert index
-  expert_index = expert_index.astype(jnp.int32)
-
-  if batch_prioritized:
-    priority = jnp.where(real, -top_probs[..., 0], jnp.inf)
+  if priority is not None:
+    priority = jnp.where(real, -priority, jnp.inf)
     order = jnp.argsort(priority, axis=-1, stable=True).astype(jnp.int32)  # [G, T]
   else:
     order = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (num_groups, num_tokens))
@@ -271,6 +300,130 @@ def experts_choose(router_probs: Array, *, expert_capacity: int,
   return Routing(buffer_token=buffer_token, buffer_weight=buffer_weight, num_tokens=num_tokens)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# SparseMixer-v2 (GRIN): sampled routing with a Heun-style gradient estimator, seed_methods.md §1.
+
+@jax.custom_vjp
+def _grin_gate(logits: Array, probs: Array, chosen: Array, factor: Array) -> Array:
+  """factor · p_D, whose gradient w.r.t. the raw logits is that of p_D alone (GRIN's `mp`).
+
+  logits, probs: <float32>[..., E] raw logits and the round's masked softmax; chosen: <float32>[..., E]
+  one-hot of D; factor: <float32>[...] the 1 or 1/3 Heun factor. Returns <float32>[...].
+  """
+  return factor * jnp.sum(probs * chosen, axis=-1)
+
+
+def _grin_gate_fwd(logits, probs, chosen, factor):
+  return _grin_gate(logits, probs, chosen, factor), (probs, chosen, factor)
+
+
+def _grin_gate_bwd(residuals, d_gate):
+  probs, chosen, factor = residuals
+  p_d = jnp.sum(probs * chosen, axis=-1, keepdims=True)
+  # d/dz_j = g · p_D · ([j == D] − p_j). The factor c is deliberately absent (it is Heun's sampling
+  # point, not part of the gate's derivative), and nothing flows through the mask or p as a path.
+  d_logits = d_gate[..., None] * p_d * (chosen - probs)
+  return d_logits, jnp.zeros_like(probs), jnp.zeros_like(chosen), jnp.zeros_like(factor)
+
+
+_grin_gate.defvjp(_grin_gate_fwd, _grin_gate_bwd)
+
+
+def sparsemixer_given_noise(router_logits: Array, exponential: Optional[Array], uniform: Optional[Array],
+                            *, num_selected_experts: int = 2, jitter_eps: float = 0.01
+                            ) -> tuple[Array, Array]:
+  """SparseMixer-v2 with its random draws passed in (training) or absent (evaluation).
+
+  Round r (r = 1..k) hides the experts chosen in earlier rounds, masks every expert whose logit is more
+  than a relative 2·eps below the round's maximum, and picks D_r: the argmax in evaluation, a Gumbel-max
+  sample of the masked softmax p in training. The gate is p_{D_r}, times 1/3 in training when D_r is not
+  the argmax of p and U_r <= 0.75 (Heun's third-order point, 3 times in 4). Gates are not renormalised.
+
+  Args:
+    router_logits: <float>[..., E] raw router logits (computed in float32).
+    exponential: <float32>[..., k, E] Exp(1) draws (Gumbel noise is −log of them), or None for evaluation.
+    uniform: <float32>[..., k] U(0, 1) draws for the Heun factor, or None for evaluation.
+    num_selected_experts: k, in [1, E].
+    jitter_eps: eps of the mask (GRIN's `router_jitter_noise`).
+
+  Returns:
+    expert_index <int32>[..., k] and multiplier <float32>[..., k].
+  """
+  _check_router_array('router_logits', router_logits)
+  num_experts = router_logits.shape[-1]
+  k = num_selected_experts
+  if not 1 <= k <= num_experts:
+    raise ValueError(f'num_selected_experts must be in [1, num_experts={num_experts}], got {k}.')
+  if (exponential is None) != (uniform is None):
+    raise ValueError('Pass both exponential and uniform draws (training) or neither (evaluation).')
+  z = router_logits.astype(jnp.float32)
+  z_const = jax.lax.stop_gradient(z)  # the mask and the sampling carry no gradient
+  hidden = jnp.zeros(z.shape, bool)  # experts chosen in earlier rounds
+  indices, gates = [], []
+  for r in range(k):
+    z_round = jnp.where(hidden, -jnp.inf, z_const)
+    top = jnp.max(z_round, axis=-1, keepdims=True)
+    # Written as "masked iff ratio > 2 eps" so that a NaN ratio (0/0 when the maximum and z_i are 0)
+    # keeps the expert, as the reference does; the other way round can mask every expert.
+    ratio = (top - z_const) / jnp.maximum(jnp.abs(z_const), top)  # original logits, not z_round
+    masked_logits = jnp.where(ratio > 2 * jitter_eps, -jnp.inf, z_round)
+    probs = jax.nn.softmax(masked_logits, axis=-1)  # exactly 0 on masked and hidden experts
+    if exponential is None:
+      choice = jnp.argmax(z_round, axis=-1)
+      factor = jnp.ones(z.shape[:-1], jnp.float32)
+    else:
+      choice = jnp.argmax(masked_logits - jnp.log(exponential[..., r, :]), axis=-1)  # Gumbel-max
+      heun_full = (choice == jnp.argmax(probs, axis=-1)) | (uniform[..., r] > 0.75)
+      factor = 0.3333 + 0.6667 * heun_full.astype(jnp.float32)  # exactly 1.0 in float32
+    chosen = jax.nn.one_hot(choice, num_experts, dtype=jnp.float32)
+    gates.append(_grin_gate(z, probs, chosen, factor))
+    indices.append(choice.astype(jnp.int32))
+    hidden = hidden | (chosen > 0)
+  return jnp.stack(indices, axis=-1), jnp.stack(gates, axis=-1)
+
+
+def sparsemixer(router_logits: Array, *, num_selected_experts: int = 2, jitter_eps: float = 0.01,
+                rng: Optional[Array] = None) -> tuple[Array, Array]:
+  """GRIN's SparseMixer-v2 routing (seed_methods.md §1.2–1.3).
+
+  Args:
+    router_logits: <float>[..., E].
+    num_selected_experts: k (GRIN: 2; any k in [1, E] repeats the round).
+    jitter_eps: eps of the relative mask "logit within 2·eps of the maximum" (GRIN: 0.01).
+    rng: PRNG key for training-mode sampling; None is evaluation mode (argmax, no Heun factor).
+
+  Returns:
+    expert_index <int32>[..., k] and multiplier <float32>[..., k], the combine weights (not
+    renormalised). Gradients w.r.t. the logits follow GRIN: g · p_D · ([j == D] − p_j) per round.
+  """
+  if rng is None:
+    return sparsemixer_given_noise(router_logits, None, None, num_selected_experts=num_selected_experts,
+                                   jitter_eps=jitter_eps)
+  k = num_selected_experts
+  batch_shape = router_logits.shape[:-1]
+  rng_exp, rng_uniform = jax.random.split(rng)
+  exponential = jax.random.exponential(rng_exp, (*batch_shape, k, router_logits.shape[-1]), jnp.float32)
+  uniform = jax.random.uniform(rng_uniform, (*batch_shape, k), jnp.float32)
+  return sparsemixer_given_noise(router_logits, exponential, uniform, num_selected_experts=k,
+                                 jitter_eps=jitter_eps)
+
+
+def dropless_metrics(weights: Array, padding_mask: Optional[Array] = None) -> dict[str, Array]:
+  """routing_metrics for dropless routing: no capacity, so nothing is left behind and no slot is empty.
+
+  Args:
+    weights: <float32>[G, T, k] combine weights of every (token, choice).
+    padding_mask: optional [G, T].
+  """
+  real = _real_mask(weights.shape[:-1], padding_mask)
+  num_pairs = jnp.sum(real) * weights.shape[-1]
+  return {
+      'fraction_tokens_left_behind': jnp.zeros((), jnp.float32),
+      'expert_usage': jnp.ones((), jnp.float32),
+      'router_confidence': jnp.sum(weights * real[..., None]) / jnp.maximum(num_pairs, 1.0),
+  }
+
+
 def routing_metrics(routing: Routing, padding_mask: Optional[Array] = None) -> dict[str, Array]:
   """The t5x MoE metrics of one layer (routing.md §6), padding excluded.
 
@@ -292,4 +445,5 @@ def routing_metrics(routing: Routing, padding_mask: Optional[Array] = None) -> d
 
 
 __all__ = ['Routing', 'expert_capacity', 'router_z_loss', 'load_balancing_loss', 'tokens_choose',
-           'experts_choose', 'routing_metrics']
+           'assign_slots', 'experts_choose', 'sparsemixer', 'sparsemixer_given_noise', 'routing_metrics',
+           'dropless_metrics']
