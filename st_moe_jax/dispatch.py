@@ -19,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from st_moe_jax import routing as routing_lib
 from st_moe_jax.routing import Routing
 
 Array = jax.Array
@@ -198,7 +199,7 @@ def dropless_layout(expert_index: Array, num_experts: int, padding_mask=None, ti
   counts = jnp.bincount(key, length=num_experts + 1)[:num_experts].astype(jnp.int32)
   padded = -(-counts // tile) * tile
   start = jnp.cumsum(padded) - padded
-  rank = _rank_within_key(key, num_experts)
+  rank = routing_lib.rank_within_key(key, num_experts)
   row = jnp.where(key < num_experts, start[jnp.minimum(key, num_experts - 1)] + rank, num_rows)
   choice = jnp.arange(num_choices, dtype=jnp.int32)
   row_choice = jnp.full((num_rows,), num_choices, jnp.int32).at[row].set(choice, mode='drop')
@@ -209,15 +210,6 @@ def dropless_layout(expert_index: Array, num_experts: int, padding_mask=None, ti
       token_row=row.reshape(1, n, k).astype(jnp.int32),
       tile_expert=jnp.minimum(tile_expert, num_experts - 1).astype(jnp.int32),
       num_tiles=tile_end[-1].astype(jnp.int32), group_sizes=padded, tile=tile)
-
-
-def _rank_within_key(key: Array, num_keys: int) -> Array:
-  """<int32>[N]: how many earlier entries have the same key (stable sort, no [N, E] one-hot)."""
-  order = jnp.argsort(key, stable=True)
-  counts = jnp.bincount(key, length=num_keys + 1)
-  first = jnp.cumsum(counts) - counts
-  rank = jnp.arange(key.shape[0], dtype=jnp.int32) - first[key[order]].astype(jnp.int32)
-  return jnp.zeros(key.shape, jnp.int32).at[order].set(rank, unique_indices=True)
 
 
 def dropless_dispatch(token_inputs: Array, layout: DroplessLayout) -> Array:

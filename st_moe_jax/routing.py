@@ -144,23 +144,19 @@ def _check_group_probs(router_probs: Array, expert_capacity: int) -> None:
     raise ValueError(f'expert_capacity must be >= 1, got {expert_capacity}.')
 
 
+def rank_within_key(key: Array, num_keys: int) -> Array:
+  """<int32>[N]: for each entry of key <int>[N] (values in [0, num_keys]), how many earlier entries have
+  the same value. O(N log N) by a stable sort, never an [N, E] one-hot."""
+  order = jnp.argsort(key, stable=True)
+  counts = jnp.bincount(key, length=num_keys + 1)
+  first = jnp.cumsum(counts) - counts  # first position of each key in the sorted order
+  rank = jnp.arange(key.shape[0], dtype=jnp.int32) - first[key[order]].astype(jnp.int32)
+  return jnp.zeros(key.shape, jnp.int32).at[order].set(rank, unique_indices=True)
+
+
 def _slot_within_expert(keys: Array, num_keys: int) -> Array:
-  """For a sequence of expert ids, the number of earlier entries with the same id.
-
-  keys: <int32>[G, N] with values in [0, num_keys]. Returns <int32>[G, N]. O(N log N) by a stable sort,
-  never a [N, E] one-hot.
-  """
-  n = keys.shape[-1]
-
-  def one_group(k):
-    order = jnp.argsort(k, stable=True)
-    sorted_keys = k[order]
-    counts = jnp.bincount(k, length=num_keys + 1)
-    first = jnp.cumsum(counts) - counts  # first position of each key in the sorted order
-    rank = jnp.arange(n, dtype=jnp.int32) - first[sorted_keys].astype(jnp.int32)
-    return jnp.zeros((n,), jnp.int32).at[order].set(rank, unique_indices=True)
-
-  return jax.vmap(one_group)(keys)
+  """rank_within_key for each group: keys <int32>[G, N] -> <int32>[G, N]."""
+  return jax.vmap(lambda k: rank_within_key(k, num_keys))(keys)
 
 
 def tokens_choose(router_probs: Array, *, num_selected_experts: int, expert_capacity: int,
