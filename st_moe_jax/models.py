@@ -149,6 +149,8 @@ class MoeConfig:
   jitter_noise: float = 0.0
   expert_dropout_rate: float = 0.0
   dispatch_method: str = 'gather'
+  sparsemixer_eps: float = 0.01
+  dropless: bool = False
   router: str = 'linear'
   recurrent_router_dim: int = 128
   recurrent_router_cell: str = 'gru'
@@ -182,9 +184,10 @@ def check_causal_moe(moe: Optional[MoeConfig], field: str) -> None:
   """BPR and experts-choose rank a group's tokens using later tokens: they leak the future in a decoder."""
   if moe is None or moe.num_sparse_layers == 0:
     return
-  if moe.routing_method != 'tokens_choose':
+  if moe.routing_method not in ('tokens_choose', 'sparsemixer'):
     raise ValueError(f'{field}.routing_method={moe.routing_method!r} looks at future tokens, which a causal '
-                     f'decoder must not see; use routing_method="tokens_choose" in the decoder.')
+                     f'decoder must not see; use routing_method="tokens_choose" or "sparsemixer" in the '
+                     f'decoder.')
   if moe.batch_prioritized_routing:
     raise ValueError(f'{field}.batch_prioritized_routing=True orders tokens by router confidence over the '
                      f'whole group, leaking future tokens in a causal decoder; set it to False for the '
@@ -333,7 +336,8 @@ class TransformerLayer(nn.Module):
         strict_group_size=m.strict_group_size, num_expert_replicas=m.num_expert_replicas,
         group_multiple=group_multiple, jitter_noise=m.jitter_noise,
         activations=m.expert_activations or cfg.activations, expert_dropout_rate=m.expert_dropout_rate,
-        dispatch_method=m.dispatch_method, dtype=cfg.dtype, name='mlp')
+        dispatch_method=m.dispatch_method, sparsemixer_eps=m.sparsemixer_eps, dropless=m.dropless,
+        dtype=cfg.dtype, name='mlp')
 
 
 def _router_cell(moe: Optional[MoeConfig], sparse: set[int]) -> Optional[nn.Module]:

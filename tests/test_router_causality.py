@@ -27,6 +27,10 @@ ROUTERS = {
     'linear': models.MoeConfig(**BASE, eval_capacity_factor=4.0, min_expert_capacity=1),  # C = T: no drops
     'recurrent': models.MoeConfig(**BASE, router='recurrent', recurrent_router_dim=8,
                                   eval_capacity_factor=4.0, min_expert_capacity=1),
+    'sparsemixer': models.MoeConfig(**BASE, routing_method='sparsemixer', eval_capacity_factor=4.0,
+                                    min_expert_capacity=1),
+    'sparsemixer_dropless': models.MoeConfig(**BASE, routing_method='sparsemixer', dropless=True),
+    'top2_dropless': models.MoeConfig(**BASE, dropless=True),
     'lory': models.MoeConfig(**BASE, moe_type='lory', segment_length=SEGMENT),
     'lory_self_stopgrad': models.MoeConfig(**BASE, moe_type='lory', segment_length=SEGMENT,
                                            lory_first_segment='self_stopgrad'),
@@ -51,7 +55,8 @@ def _changed_from(p):
   return changed
 
 
-@pytest.mark.parametrize('router', ['linear', 'recurrent', 'lory'])
+@pytest.mark.parametrize('router', ['linear', 'recurrent', 'sparsemixer', 'sparsemixer_dropless', 'top2_dropless',
+                                    'lory'])
 def test_future_tokens_never_change_past_logits(router):
   logits = _logits_fn(router)
   base = np.asarray(logits(TOKENS))

@@ -1,0 +1,275 @@
+"""Orbax checkpoints of a training run: save every N steps and at the end, keep the last K, async save,
+resume from the latest, the data iterator's position saved beside the state, and fine-tuning from an
+INITIAL_CHECKPOINT_PATH (parameters only, partial).
+
+Layout (t5x-like names, orbax format):
+
+  MODEL_DIR/checkpoint_<step>/
+    params/      the parameters (orbax PyTree, one TensorStore array per leaf)
+    opt_state/   the optimizer state
+    dataset/     train_ds-<process>-of-<count>.*: each process's tf.data iterator (tf.train.Checkpoint)
+
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a crash mid-save
+never leaves a half-written `checkpoint_<step>` behind.
+"""
+
+import dataclasses
+import logging
+import os
+import re
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from st_moe_jax import data as data_lib
+
+PyTree = Any
+STEP_PREFIX = 'checkpoint'
+
+
+class CheckpointShapeError(ValueError):
+  """A checkpoint's parameters do not match the model (another model gin or other macros)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The data iterator as an orbax item.
+
+class DatasetHandler(ocp.CheckpointHandler):
+  """Saves / restores this process's DataIterator in the checkpoint's `dataset/` directory."""
+
+  def _prefix(self, directory: epath.Path) -> str:
+    return os.fspath(directory / data_lib.process_checkpoint_name(jax.process_index(), jax.process_count()))
+
+  def save(self, directory: epath.Path, args: 'DatasetArgs') -> None:
+    args.iterator.save(self._prefix(directory))
+
+  def restore(self, directory: epath.Path, args: 'DatasetArgs') -> data_lib.DataIterator:
+    prefix = self._prefix(directory)
+    if not os.path.exists(prefix + '.index'):
+      raise FileNotFoundError(f'{directory} holds no data iterator state for process {jax.process_index()} '
+                              f'of {jax.process_count()} (was the run saved with another process count?).')
+    args.iterator.restore(prefix)
+    return args.iterator
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+  def finalize(self, directory: epath.Path) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+@ocp.args.register_with_handler(DatasetHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class DatasetArgs(ocp.args.CheckpointArgs):
+  iterator: data_lib.DataIterator
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shape checks.
+
+def _flat(tree: PyTree) -> dict[str, Any]:
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def shape_differences(saved: PyTree, expected: PyTree) -> tuple[list[str], list[str], list[str]]:
+  """(mismatched, missing_in_checkpoint, only_in_checkpoint) parameter paths; leaves need `.shape`.
+
+  mismatched entries read 'path: checkpoint (a, b) vs model (c, d)'.
+  """
+  saved, expected = _flat(saved), _flat(expected)
+  mismatched = [f'{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}'
+                for k, v in expected.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+  missing = [k for k in expected if k not in saved]
+  extra = [k for k in saved if k not in expected]
+  return mismatched, missing, extra
+
+
+def saved_param_shapes(params_dir: str) -> PyTree:
+  """The tree of ArrayMetadata (with .shape) saved in a checkpoint's params/ directory."""
+  metadata = ocp.PyTreeCheckpointer().metadata(params_dir)
+  metadata = getattr(metadata, 'item_metadata', metadata)
+  return getattr(metadata, 'tree', metadata)
+
+
+def _listing(names: list[str], limit: int = 12) -> str:
+  shown = '\n  '.join(names[:limit])
+  more = f'\n  ... and {len(names) - limit} more' if len(names) > limit else ''
+  return f'\n  {shown}{more}'
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The manager.
+
+class CheckpointManager:
+  """Save / resume for one MODEL_DIR.
+
+  Args:
+    model_dir: MODEL_DIR; checkpoints go to MODEL_DIR/checkpoint_<step>.
+    period: save every `period` steps (and whenever `save(..., force=True)`, e.g. at the end).
+    keep: keep the last `keep` checkpoints (None: all).
+    async_save: write in a background thread while training continues.
+  """
+
+  def __init__(self, model_dir: str, period: int = 1000, keep: Optional[int] = None,
+               async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=1, max_to_keep=keep, step_prefix=STEP_PREFIX,
+        enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(
+        epath.Path(model_dir).absolute(), options=options,
+        item_handlers={'params': ocp.PyTreeCheckpointHandler(), 'opt_state': ocp.PyTreeCheckpointHandler(),
+                       'dataset': DatasetHandler()})
+    self.directory = os.fspath(self._manager.directory)
+    self.period = max(period, 1)
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return step % self.period == 0
+
+  def save(self, step: int, params: PyTree, opt_state: PyTree,
+           data_iterator: Optional[data_lib.DataIterator] = None, force: bool = False) -> bool:
+    """Starts saving checkpoint_<step> if the period says so (or force); True if a save started."""
+    items = {'params': ocp.args.PyTreeSave(params), 'opt_state': ocp.args.PyTreeSave(opt_state)}
+    if data_iterator is not None:
+      items['dataset'] = DatasetArgs(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def check_shapes(self, step: int, abstract_params: PyTree) -> None:
+    """Raises CheckpointShapeError listing every parameter whose shape or presence differs."""
+    saved = saved_param_shapes(os.path.join(self.directory, f'{STEP_PREFIX}_{step}', 'params'))
+    mismatched, missing, extra = shape_differences(saved, abstract_params)
+    if mismatched or missing or extra:
+      parts = []
+      if mismatched:
+        parts.append(f'{len(mismatched)} parameters with other shapes:{_listing(mismatched)}')
+      if missing:
+        parts.append(f'{len(missing)} model parameters missing from the checkpoint:{_listing(missing)}')
+      if extra:
+        parts.append(f'{len(extra)} checkpoint parameters the model does not have:{_listing(extra)}')
+      raise CheckpointShapeError(
+          f'The checkpoint {self.directory}/{STEP_PREFIX}_{step} was written by a model of another shape: '
+          + '; '.join(parts) + '\nUse the model gin file and macros (NUM_EXPERTS, EMBED_DIM, ...) the '
+          'checkpoint was trained with, or a fresh MODEL_DIR.')
+
+  def restore(self, step: int, abstract_params: PyTree, abstract_opt_state: PyTree,
+              data_iterator: Optional[data_lib.DataIterator] = None) -> tuple[PyTree, PyTree]:
+    """(params, opt_state) of checkpoint_<step>, placed as the abstract trees' shardings say; restores
+    the data iterator's position too when given one.
+
+    abstract_*: jax.ShapeDtypeStruct trees with `sharding` set.
+    """
+    self.check_shapes(step, abstract_params)
+    items = {'params': _pytree_restore(abstract_params), 'opt_state': _pytree_restore(abstract_opt_state)}
+    if data_iterator is not None:
+      items['dataset'] = DatasetArgs(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored['params'], restored['opt_state']
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _pytree_restore(abstract: PyTree, partial: bool = False) -> ocp.args.PyTreeRestore:
+  return ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                partial_restore=partial)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fine-tuning: parameters from another run.
+
+def resolve_checkpoint_dir(path: str) -> str:
+  """A checkpoint_<step> directory: `path` itself, or the latest one inside a MODEL_DIR."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'Checkpoint path {path} does not exist (INITIAL_CHECKPOINT_PATH / '
+                            'CHECKPOINT_PATH must name a checkpoint_<step> directory or a MODEL_DIR).')
+  if os.path.isdir(os.path.join(path, 'params')):
+    return path
+  steps = [int(m.group(1)) for name in os.listdir(path)
+           if (m := re.fullmatch(rf'{STEP_PREFIX}_(\d+)', name)) and os.path.isdir(os.path.join(path, name))]
+  if not steps:
+    raise FileNotFoundError(f'No {STEP_PREFIX}_<step> directory in {path}; INITIAL_CHECKPOINT_PATH / '
+                            'CHECKPOINT_PATH must name a checkpoint or a MODEL_DIR holding checkpoints.')
+  return os.path.join(path, f'{STEP_PREFIX}_{max(steps)}')
+
+
+def checkpoint_step(path: str) -> int:
+  match = re.search(rf'{STEP_PREFIX}_(\d+)$', path.rstrip('/'))
+  return int(match.group(1)) if match else 0
+
+
+def restore_params(path: str, abstract_params: PyTree, *, partial: bool = False
+                   ) -> tuple[PyTree, list[str]]:
+  """Parameters from the checkpoint at `path` (a checkpoint dir or a MODEL_DIR: its latest checkpoint).
+
+  Args:
+    abstract_params: the model's parameters as jax.ShapeDtypeStruct with shardings.
+    partial: fine-tuning: restore the parameters the checkpoint has and leave the others out (the caller
+      initialises them); a parameter with another shape is still an error.
+
+  Returns:
+    (params, missing): with partial=True params holds only the restored leaves (a dict tree) and missing
+    lists the '/'-paths the checkpoint did not have; with partial=False missing is [].
+
+  Raises:
+    CheckpointShapeError naming the mismatched parameters.
+  """
+  directory = resolve_checkpoint_dir(path)
+  saved = saved_param_shapes(os.path.join(directory, 'params'))
+  mismatched, missing, extra = shape_differences(saved, abstract_params)
+  if mismatched or (not partial and (missing or extra)):
+    raise CheckpointShapeError(
+        f'The checkpoint {directory} does not fit this model: '
+        + (f'{len(mismatched)} parameters with other shapes:{_listing(mismatched)}' if mismatched else '')
+        + (f' {len(missing)} missing:{_listing(missing)}' if missing and not partial else '')
+        + (f' {len(extra)} unexpected:{_listing(extra)}' if extra and not partial else '')
+        + '\nUse the model gin file and macros the checkpoint was trained with.')
+  if extra:
+    logging.info('Ignoring %d checkpoint parameters the model does not have: %s', len(extra), extra[:8])
+  target = abstract_params
+  if partial:
+    missing_set = set(missing)
+    target = _subtree(abstract_params, lambda p: p not in missing_set)
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(directory, 'params'), args=_pytree_restore(target, partial=partial))
+  return restored, missing
+
+
+def _subtree(tree: PyTree, keep) -> dict:
+  """The nested-dict subtree of `tree` whose '/'-paths satisfy keep(path)."""
+  out: dict = {}
+  for path, leaf in _flat(tree).items():
+    if keep(path):
+      node = out
+      *parents, name = path.split('/')
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[name] = leaf
+  return out
+
+
+def merge_params(initialised: PyTree, restored: dict) -> PyTree:
+  """`initialised` with every leaf present in `restored` (same '/'-path) replaced by the restored one."""
+  flat = _flat(restored)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: flat.get('/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path), leaf),
+      initialised)
+
+
+def to_numpy(tree: PyTree) -> PyTree:
+  return jax.tree.map(np.asarray, tree)

@@ -1,0 +1,77 @@
+"""checkpoint_manager.py: save / keep / restore, the iterator saved with the state, shape errors,
+partial restore for fine-tuning."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from st_moe_jax import checkpoint_manager as ckpt
+from st_moe_jax import data
+
+
+def abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+PARAMS = {'dense': {'kernel': jnp.arange(6.0).reshape(2, 3)}, 'norm': {'scale': jnp.ones(3)}}
+OPT = {'count': jnp.asarray(5, jnp.int32), 'v': {'dense': {'kernel': jnp.full((2, 3), 0.5)}}}
+
+
+def test_save_keep_restore_with_iterator(tmp_path):
+  cfg = data.DatasetConfig('stdlib_lm', {'targets': 8}, batch_size=2)
+  make = lambda: data.DataIterator(data.get_dataset(cfg, data.DECODER_ONLY, report_trimming=False))
+  it = make()
+  manager = ckpt.CheckpointManager(str(tmp_path), period=2, keep=2)
+  for step in (2, 4, 6):
+    next(it)
+    assert manager.should_save(step)
+    manager.save(step, jax.tree.map(lambda x: x * step, PARAMS), OPT, it, force=True)
+  manager.wait_until_finished()
+  assert manager.all_steps() == [4, 6] and not manager.should_save(5)
+  expected_next = next(it)
+  manager.close()
+
+  manager = ckpt.CheckpointManager(str(tmp_path), period=2, keep=2)
+  assert manager.latest_step() == 6
+  fresh = make()
+  params, opt = manager.restore(6, abstract(PARAMS), abstract(OPT), fresh)
+  np.testing.assert_array_equal(params['dense']['kernel'], np.arange(6.0).reshape(2, 3) * 6)
+  assert int(opt['count']) == 5
+  got = next(fresh)
+  for k in expected_next:
+    np.testing.assert_array_equal(got[k], expected_next[k])
+  assert os.path.exists(tmp_path / 'checkpoint_6' / 'dataset' / 'train_ds-000-of-001.index')
+  manager.close()
+
+
+def test_shape_mismatch_lists_params(tmp_path):
+  manager = ckpt.CheckpointManager(str(tmp_path), period=1)
+  manager.save(1, PARAMS, OPT, force=True)
+  manager.wait_until_finished()
+  other = {'dense': {'kernel': jnp.zeros((2, 4))}, 'norm': {'scale': jnp.ones(3)}, 'new': jnp.zeros(2)}
+  with pytest.raises(ckpt.CheckpointShapeError) as error:
+    manager.check_shapes(1, abstract(other))
+  message = str(error.value)
+  assert 'dense/kernel: checkpoint (2, 3) vs model (2, 4)' in message
+  assert 'missing from the checkpoint' in message and 'new' in message
+  with pytest.raises(ckpt.CheckpointShapeError, match='dense/kernel'):
+    ckpt.restore_params(str(tmp_path), abstract(other), partial=True)
+  manager.close()
+
+
+def test_partial_restore_for_finetuning(tmp_path):
+  manager = ckpt.CheckpointManager(str(tmp_path), period=1)
+  manager.save(3, PARAMS, OPT, force=True)
+  manager.close()
+  model = {**PARAMS, 'head': {'kernel': jnp.full((3, 2), 7.0)}}
+  restored, missing = ckpt.restore_params(str(tmp_path), abstract(model), partial=True)
+  assert missing == ['head/kernel']
+  merged = ckpt.merge_params(model, restored)
+  np.testing.assert_array_equal(merged['dense']['kernel'], PARAMS['dense']['kernel'])
+  np.testing.assert_array_equal(merged['head']['kernel'], np.full((3, 2), 7.0))
+  assert ckpt.checkpoint_step(ckpt.resolve_checkpoint_dir(str(tmp_path))) == 3
+  with pytest.raises(FileNotFoundError, match='INITIAL_CHECKPOINT_PATH'):
+    ckpt.resolve_checkpoint_dir(str(tmp_path / 'nowhere'))

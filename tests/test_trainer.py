@@ -1,0 +1,180 @@
+"""trainer.py: resume equals an uninterrupted run (across processes), NaN stops without overwriting,
+fine-tuning restores params partially, TensorBoard tags, evaluation sums."""
+
+import dataclasses
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK, LENGTHS, BATCH = 'stdlib_lm', {'targets': 32}, 8
+
+
+def tiny_model(num_layers: int = 2):
+  from st_moe_jax import models
+  config = models.TransformerConfig(vocab_size=264, embed_dim=32, num_heads=2, head_dim=16, mlp_dim=48,
+                                    num_encoder_layers=num_layers, num_decoder_layers=num_layers)
+  moe = models.MoeConfig(num_sparse_layers=1, num_experts=4, expert_mlp_dim=32, extra_mlp=True,
+                         group_size=64)
+  return models.DecoderOnly(config, moe)
+
+
+def make_trainer(learning_rate=None, num_layers: int = 2, num_devices: int = 1):
+  """num_devices > 1: a (data 2, expert 4) mesh over the 8 simulated devices (expert partitions 4)."""
+  import jax
+  from st_moe_jax import optim, partitioning, trainer
+  mesh = partitioning.create_mesh(jax.devices()[:num_devices], num_expert_partitions=4)
+  schedule = learning_rate or optim.constant_schedule(0.01)
+  return trainer.Trainer(tiny_model(num_layers), optim.adafactor, schedule, mesh, seed=0)
+
+
+def make_data(split='train', seed=0):
+  from st_moe_jax import data
+  cfg = data.DatasetConfig(TASK, LENGTHS, split=split, batch_size=BATCH, seed=seed,
+                           num_epochs=None if split == 'train' else 1, shuffle=split == 'train')
+  return data.DataIterator(data.get_dataset(cfg, data.DECODER_ONLY, report_trimming=False))
+
+
+def run_training(model_dir: str, steps: int, num_devices: int = 8, **loop_kwargs):
+  """Trains to `steps` (resuming if model_dir has a checkpoint); saves the next batch to next_batch.npz."""
+  from st_moe_jax import trainer
+  train_data = make_data()
+  loop = trainer.LoopConfig(steps, BATCH, log_period=3, eval_period=1000, checkpoint_period=3,
+                            **loop_kwargs)
+  state = trainer.fit(make_trainer(num_devices=num_devices), model_dir, train_data, loop,
+                      print_fn=lambda _: None)
+  np.savez(os.path.join(model_dir, f'next_batch_{steps}.npz'), **next(train_data))
+  return state
+
+
+def restored_params(model_dir: str, step: int):
+  from st_moe_jax import checkpoint_manager
+  import orbax.checkpoint as ocp
+  return ocp.PyTreeCheckpointer().restore(os.path.join(model_dir, f'checkpoint_{step}', 'params'))
+
+
+def _subprocess_training(model_dir: str, steps: int) -> None:
+  code = f'import tests.test_trainer as t; t.run_training({model_dir!r}, {steps})'
+  env = {**os.environ, 'PYTHONPATH': REPO}
+  subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, check=True, capture_output=True)
+
+
+@pytest.mark.slow
+def test_resume_in_fresh_process_matches_uninterrupted_run(tmp_path):
+  import jax
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  run_training(straight, 6)
+  _subprocess_training(resumed, 3)
+  assert sorted(os.listdir(resumed)).count('checkpoint_3') == 1
+  _subprocess_training(resumed, 6)  # a fresh process resumes from checkpoint_3
+  a, b = restored_params(straight, 6), restored_params(resumed, 6)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
+  next_a = np.load(os.path.join(straight, 'next_batch_6.npz'))
+  next_b = np.load(os.path.join(resumed, 'next_batch_6.npz'))
+  assert set(next_a) == set(next_b)
+  for k in next_a:
+    np.testing.assert_array_equal(next_a[k], next_b[k])
+
+
+@pytest.mark.slow
+def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+  from st_moe_jax import trainer
+  # The update of step 4 (state.step 3) uses a NaN learning rate: its parameters are NaN.
+  nan_after_3 = lambda step: jnp.where(step >= 3, jnp.nan, 0.01)
+  model_dir = str(tmp_path / 'run')
+  loop = trainer.LoopConfig(8, BATCH, log_period=100, eval_period=1000, checkpoint_period=2)
+  with pytest.raises(trainer.TrainingDivergedError, match=r'at step 4.*checkpoint_2, is untouched'):
+    trainer.fit(make_trainer(nan_after_3), model_dir, make_data(), loop, print_fn=lambda _: None)
+  assert sorted(d for d in os.listdir(model_dir) if d.startswith('checkpoint')) == ['checkpoint_2']
+  params = ocp.PyTreeCheckpointer().restore(os.path.join(model_dir, 'checkpoint_2', 'params'))
+  assert all(np.isfinite(x).all() for x in __import__('jax').tree.leaves(params))
+
+
+@pytest.mark.slow
+def test_finetune_restores_present_params_and_initialises_new_ones(tmp_path):
+  import jax
+  from st_moe_jax import checkpoint_manager as ckpt, trainer
+  pretrained = str(tmp_path / 'pretrained')
+  loop = trainer.LoopConfig(2, BATCH, log_period=100, eval_period=1000, checkpoint_period=2)
+  trainer.fit(make_trainer(), pretrained, make_data(), loop, print_fn=lambda _: None)
+  old = ckpt._flat(restored_params(pretrained, 2))
+
+  bigger = make_trainer(num_layers=4)  # two more decoder layers (layers_2, layers_3 are new)
+  state = trainer.fit(bigger, str(tmp_path / 'finetuned'), make_data(),
+                      trainer.LoopConfig(2, BATCH, log_period=100, eval_period=1000),
+                      initial_checkpoint_path=pretrained, print_fn=lambda _: None)
+  new = ckpt._flat(jax.device_get(state.params))
+  shared = [k for k in new if k in old and old[k].shape == new[k].shape]
+  assert 'decoder/layers_0/self_attention/query/kernel' in shared
+  assert any(k.startswith('decoder/layers_3') for k in new if k not in old)
+  for k in shared:
+    np.testing.assert_array_equal(new[k], old[k])
+  assert int(state.step) == 2
+  count = jax.tree.leaves(state.opt_state)[0]  # Adafactor's update count: a fresh optimizer state
+  assert int(count) == 0
+
+
+def test_checkpoint_of_other_shape_lists_mismatched_params(tmp_path):
+  import jax
+  from st_moe_jax import checkpoint_manager as ckpt, trainer
+  model_dir = str(tmp_path / 'run')
+  tr = make_trainer()
+  trainer.fit(tr, model_dir, make_data(), trainer.LoopConfig(1, BATCH, log_period=100, eval_period=1000),
+              print_fn=lambda _: None)
+  other = make_trainer()
+  other.model = other.model.clone(config=dataclasses.replace(other.model.config, embed_dim=48))
+  other.prepare(next(make_data()))
+  with pytest.raises(ckpt.CheckpointShapeError, match=r'26 parameters with other shapes:\n  decoder/decoder_norm/scale: checkpoint \(32,\) '
+                                                      r'vs model \(48,\)'):
+    ckpt.restore_params(model_dir, other.abstract_params)
+
+
+def read_tags(directory: str) -> dict[str, list[float]]:
+  import tensorflow as tf
+  tags = {}
+  for path in glob.glob(os.path.join(directory, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        tags.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+  return tags
+
+
+@pytest.mark.slow
+def test_tensorboard_event_files_have_t5x_tags(tmp_path):
+  from st_moe_jax import trainer
+  model_dir = str(tmp_path / 'run')
+  loop = trainer.LoopConfig(4, BATCH, log_period=2, eval_period=4, eval_steps=2, checkpoint_period=100)
+  trainer.fit(make_trainer(), model_dir, make_data(), loop, eval_data=lambda: make_data('validation'),
+              eval_name=TASK, print_fn=lambda _: None)
+  train_tags = read_tags(os.path.join(model_dir, 'train'))
+  expected = ['loss', 'cross_ent_loss', 'z_loss', 'accuracy', 'learning_rate', 'timing/steps_per_second',
+              'timing/seqs_per_second', 'experts/auxiliary_loss', 'experts/router_z_loss',
+              'experts/fraction_tokens_left_behind', 'experts/expert_usage', 'experts/router_confidence']
+  for tag in expected:
+    assert len(train_tags.get(tag, [])) == 2, (tag, sorted(train_tags))
+  np.testing.assert_allclose(train_tags['learning_rate'], [0.01, 0.01], rtol=1e-6)
+  eval_tags = read_tags(os.path.join(model_dir, 'training_eval', TASK))
+  for tag in ['loss', 'cross_ent_loss', 'accuracy', 'bits_per_byte', 'experts/expert_usage']:
+    assert len(eval_tags.get(tag, [])) == 1, (tag, sorted(eval_tags))
+
+
+def test_evaluate_weights_batches_by_tokens():
+  """Two batches, the second all padding: the token-weighted mean equals the first batch's metrics."""
+  from st_moe_jax import data, trainer
+  tr = make_trainer()
+  batch = next(make_data('validation'))
+  tr.prepare(batch)
+  params = tr.init_params()
+  padding = {k: np.zeros_like(v) for k, v in batch.items()}
+  one = trainer.evaluate(tr, params, iter([batch]), BATCH)
+  two = trainer.evaluate(tr, params, iter([batch, padding]), BATCH)
+  for k in ('loss', 'cross_ent_loss', 'accuracy', 'bits_per_byte'):
+    np.testing.assert_allclose(one[k], two[k], rtol=1e-6)
+  assert one['bits_per_byte'] > 0 and one['target_tokens'] == float(np.sum(batch['decoder_loss_weights']))
+  del data
