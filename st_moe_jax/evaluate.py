@@ -8,18 +8,29 @@ r"""Evaluation entry point (t5x's eval.py): restores CHECKPOINT_PATH and evaluat
 Reports teacher-forced loss, accuracy, bits per token and, for a byte vocabulary, bits per byte, plus each
 MoE layer's expert usage and fraction of tokens dropped. Results go to the console, to
 EVAL_OUTPUT_DIR/<task>-metrics.jsonl (one line per evaluation) and to TensorBoard under
-EVAL_OUTPUT_DIR/eval/<task>. Tasks with seqio metric functions are also decoded (greedy) and scored.
+EVAL_OUTPUT_DIR/eval/<task>.
+
+Inference eval (t5x's seqio.Evaluator): an encoder-decoder decodes (greedy) every task that has metric
+functions (SuperGLUE: accuracy, mean_3class_f1, ...); predictions and targets go through the task's
+postprocessor and its metric functions. A mixture is evaluated task by task (tasks without the split are
+skipped). t5x's layout:
+  EVAL_OUTPUT_DIR/inference_eval/<task>-metrics.jsonl   {"step": ..., "<metric>": ...} per evaluation
+  EVAL_OUTPUT_DIR/inference_eval/<task>-<step:06>.jsonl one line per example: inputs, targets, prediction
+  EVAL_OUTPUT_DIR/inference_eval/<task>/                TensorBoard scalars eval/<metric>
 """
 
+import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import gin
 import jax
+import numpy as np
 
 from st_moe_jax import checkpoint_manager as ckpt_lib
 from st_moe_jax import data as data_lib
+from st_moe_jax import decoding
 from st_moe_jax import optim
 from st_moe_jax import train as train_lib
 from st_moe_jax import trainer as trainer_lib
@@ -45,25 +56,185 @@ def evaluate(*, model: Any = gin.REQUIRED, checkpoint_path: Optional[str] = gin.
              eval_output_dir: Optional[str] = gin.REQUIRED,
              dataset_cfg: data_lib.DatasetConfig = gin.REQUIRED, eval_steps: Optional[int] = None,
              num_expert_partitions: int = 1, num_model_partitions: int = 1,
-             print_fn=print) -> dict[str, float]:
-  """Teacher-forced metrics of the checkpoint on dataset_cfg's split (all of it unless eval_steps)."""
+             inference_eval: bool = True, print_fn=print) -> dict[str, dict[str, float]]:
+  """Evaluates the checkpoint on dataset_cfg's split (all of it unless eval_steps), task by task.
+
+  Returns {task: teacher-forced metrics, plus 'inference/<metric>' from the inference eval}.
+  """
   checkpoint_path = train_lib.required(checkpoint_path, 'CHECKPOINT_PATH', '"\'runs/my_run\'"')
   eval_output_dir = train_lib.required(eval_output_dir, 'EVAL_OUTPUT_DIR', '"\'runs/my_run/eval\'"')
-  trainer, params, step, ds = restore_trainer(model, checkpoint_path, dataset_cfg, num_expert_partitions,
-                                              num_model_partitions)
-  rows = dataset_cfg.batch_size // jax.process_count()
+  tasks = tasks_with_split(dataset_cfg.mixture_or_task_name, dataset_cfg.split)
+  cfgs = {t.name: dataclasses.replace(dataset_cfg, mixture_or_task_name=t.name) for t in tasks}
+  trainer, params, step, _ = restore_trainer(model, checkpoint_path, cfgs[tasks[0].name],
+                                             num_expert_partitions, num_model_partitions)
+  out = {}
+  for task in tasks:
+    results = teacher_forced(trainer, params, cfgs[task.name], step, eval_output_dir, eval_steps, print_fn)
+    if inference_eval and task.predict_metric_fns and trainer.kind == data_lib.ENCODER_DECODER:
+      scores = inference_eval_task(trainer, params, task, cfgs[task.name], step, eval_output_dir,
+                                   max_batches=eval_steps, print_fn=print_fn)
+      results.update({f'inference/{k}': v for k, v in scores.items()})
+    out[task.name] = results
+  return out
+
+
+def tasks_with_split(name: str, split: str) -> list:
+  """The task called `name`, or a mixture's tasks that have `split`."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from tasks import common  # pylint: disable=g-import-not-at-top
+  task_or_mixture = common.get_task_or_mixture(name)
+  if isinstance(task_or_mixture, seqio.Task):
+    return [task_or_mixture]
+  tasks = [t for t in task_or_mixture.tasks if split in t.splits]
+  if not tasks:
+    raise train_lib.UserError(f'No task of the mixture {name!r} has a {split!r} split; its tasks: '
+                              f'{[t.name for t in task_or_mixture.tasks]}.')
+  return tasks
+
+
+def teacher_forced(trainer, params, cfg: data_lib.DatasetConfig, step: int, eval_output_dir: str,
+                   eval_steps: Optional[int], print_fn=print) -> dict[str, float]:
+  """Teacher-forced metrics of one task: EVAL_OUTPUT_DIR/<task>-metrics.jsonl and eval/<task>/ scalars."""
+  ds = data_lib.get_dataset(cfg, trainer.kind, num_processes=jax.process_count(),
+                            shard=data_lib.shard_info())
+  rows = cfg.batch_size // jax.process_count()
   batches = (data_lib.pad_batch(b, rows) for b in data_lib.DataIterator(ds))
   results = trainer_lib.evaluate(trainer, params, batches, rows, eval_steps)
-  name = dataset_cfg.mixture_or_task_name
+  name = cfg.mixture_or_task_name
   if jax.process_index() == 0:
     os.makedirs(eval_output_dir, exist_ok=True)
     with open(os.path.join(eval_output_dir, f'{name}-metrics.jsonl'), 'a') as f:
-      f.write(json.dumps({'step': step, 'split': dataset_cfg.split, **results}) + '\n')
+      f.write(json.dumps({'step': step, 'split': cfg.split, **results}) + '\n')
     writer = trainer_lib.SummaryWriter(os.path.join(eval_output_dir, 'eval', name))
     writer.write(step, {k: v for k, v in results.items() if not k.startswith('layer/')})
     writer.close()
-  print_fn(format_results(name, dataset_cfg.split, step, results))
+  print_fn(format_results(name, cfg.split, step, results))
   return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding a task (inference eval here, leaderboard files in infer.py).
+
+def task_examples(task, cfg: data_lib.DatasetConfig, max_batches: Optional[int] = None) -> list[dict]:
+  """The task's preprocessed examples of cfg.split in order (tokens trimmed to TASK_FEATURE_LENGTHS),
+  with every other feature (*_pretokenized, idx, ...) kept for postprocessors and submission files."""
+  lengths = data_lib._needed_lengths(task, cfg.task_feature_lengths)  # pylint: disable=protected-access
+  ds = task.get_dataset(lengths, split=cfg.split, use_cached=cfg.use_cached, shuffle=False,
+                        seed=cfg.seed, num_epochs=1, trim_output_features=True)
+  if max_batches is not None:
+    ds = ds.take(max_batches * cfg.batch_size)
+  return list(ds.as_numpy_iterator())
+
+
+def _padded(sequences: Sequence[np.ndarray], rows: int, length: int) -> np.ndarray:
+  out = np.zeros((rows, length), np.int32)
+  for i, seq in enumerate(sequences):
+    out[i, :len(seq)] = seq[:length]
+  return out
+
+
+def decode_examples(trainer, params, examples: Sequence[Mapping[str, Any]], batch_size: int,
+                    input_length: int, target_length: int, method: str = 'greedy') -> list[np.ndarray]:
+  """Decoded target tokens [target_length] of each example (encoder-decoder; greedy by default)."""
+  if trainer.kind != data_lib.ENCODER_DECODER:
+    raise train_lib.UserError('Decoding tasks with inputs needs an encoder-decoder model; decoder-only '
+                              'models are evaluated teacher-forced only.')
+  outputs = []
+  for start in range(0, len(examples), batch_size):
+    chunk = examples[start:start + batch_size]
+    inputs = _padded([ex['inputs'] for ex in chunk], batch_size, input_length)
+    tokens, _ = decoding.generate(trainer.model, params, max_decode_length=target_length, method=method,
+                                  encoder_input_tokens=inputs)
+    outputs.extend(np.asarray(jax.device_get(tokens))[:len(chunk)])
+  return outputs
+
+
+def decode_text(vocabulary, tokens: Sequence[int]) -> str:
+  """Text of token ids (padding 0 dropped; the vocabulary stops at EOS)."""
+  return vocabulary.decode([int(t) for t in tokens if t > 0])
+
+
+def predict_task(trainer, params, task, cfg: data_lib.DatasetConfig, max_batches: Optional[int] = None,
+                 method: str = 'greedy') -> tuple[list[dict], list[str], list[np.ndarray]]:
+  """(examples, decoded prediction texts, prediction tokens) of one task's split."""
+  lengths = cfg.task_feature_lengths
+  if 'inputs' not in lengths or 'targets' not in lengths:
+    raise train_lib.UserError(f'TASK_FEATURE_LENGTHS={dict(lengths)} needs "inputs" and "targets" lengths '
+                              'to decode an encoder-decoder.')
+  examples = task_examples(task, cfg, max_batches)
+  rows = cfg.batch_size // jax.process_count()
+  tokens = decode_examples(trainer, params, examples, rows, lengths['inputs'], lengths['targets'], method)
+  vocabulary = task.output_features['targets'].vocabulary
+  return examples, [decode_text(vocabulary, t) for t in tokens], tokens
+
+
+def _text(example: Mapping[str, Any], key: str, vocabulary) -> str:
+  """The *_pretokenized text of a feature, else its tokens decoded."""
+  from tasks import common  # pylint: disable=g-import-not-at-top
+  if f'{key}_pretokenized' in example:
+    return common.text_of(example[f'{key}_pretokenized'])
+  return decode_text(vocabulary, example.get(key, []))
+
+
+def _jsonable(value: Any) -> Any:
+  """Postprocessed values (numpy scalars, tuples, bytes) as plain JSON values."""
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple, np.ndarray)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, bytes):
+    return value.decode('utf-8', 'replace')
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def prediction_records(task, examples, predictions: Sequence[str]) -> list[dict]:
+  """One JSON record per example: inputs, targets, prediction (texts)."""
+  vocabulary = task.output_features['targets'].vocabulary
+  return [{'inputs': _text(ex, 'inputs', vocabulary), 'targets': _text(ex, 'targets', vocabulary),
+           'prediction': p} for ex, p in zip(examples, predictions)]
+
+
+def score_predictions(task, examples, predictions: Sequence[str]) -> tuple[dict[str, float], list, list]:
+  """(metrics, postprocessed targets, postprocessed predictions) with the task's postprocessor."""
+  vocabulary = task.output_features['targets'].vocabulary
+  targets = [task.postprocess_fn(_text(ex, 'targets', vocabulary), example=ex, is_target=True)
+             for ex in examples]
+  processed = [task.postprocess_fn(p, example=ex, is_target=False) for ex, p in zip(examples, predictions)]
+  metrics = {}
+  for fn in task.predict_metric_fns:
+    metrics.update(fn(targets, processed))
+  return {k: float(v) for k, v in metrics.items()}, targets, processed
+
+
+def inference_eval_task(trainer, params, task, cfg: data_lib.DatasetConfig, step: int,
+                        eval_output_dir: str, max_batches: Optional[int] = None, method: str = 'greedy',
+                        print_fn=print) -> dict[str, float]:
+  """Decodes, postprocesses and scores one task; writes t5x's inference_eval/ files. Returns the metrics."""
+  examples, predictions, _ = predict_task(trainer, params, task, cfg, max_batches, method)
+  metrics, targets, processed = score_predictions(task, examples, predictions)
+  if jax.process_index() == 0:
+    write_inference_eval(eval_output_dir, task.name, step, metrics,
+                         prediction_records(task, examples, predictions), targets, processed)
+  print_fn(f'{task.name} ({cfg.split}) at step {step}, {len(examples)} examples decoded: '
+           + '  '.join(f'{k} {v:.2f}' for k, v in metrics.items()))
+  return metrics
+
+
+def write_inference_eval(eval_output_dir: str, name: str, step: int, metrics: Mapping[str, float],
+                         records: Sequence[dict], targets: Sequence, processed: Sequence) -> None:
+  directory = os.path.join(eval_output_dir, 'inference_eval')
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, f'{name}-metrics.jsonl'), 'a') as f:
+    f.write(json.dumps({'step': step, **metrics}) + '\n')
+  with open(os.path.join(directory, f'{name}-{step:06d}.jsonl'), 'w', encoding='utf-8') as f:
+    for record, target, prediction in zip(records, targets, processed):
+      f.write(json.dumps({**record, 'target_postprocessed': _jsonable(target),
+                          'prediction_postprocessed': _jsonable(prediction)}) + '\n')
+  writer = trainer_lib.SummaryWriter(os.path.join(directory, name))
+  writer.write(step, {f'eval/{k}': v for k, v in metrics.items()})
+  writer.close()
 
 
 def format_results(name: str, split: str, step: int, results: dict[str, float]) -> str:

@@ -7,10 +7,16 @@ r"""Inference entry point (t5x's infer.py, mode 'predict'): decodes a split with
 
 Writes INFER_OUTPUT_DIR/<task>-predict.jsonl-<shard:05>-of-<num_shards:05>, one JSON object per example:
 {"inputs": ..., "targets": ..., "prediction": ..., "prediction_tokens": [...]} (texts decoded with the
-task's vocabulary), then a `.COMPLETED` marker beside it. Encoder-decoders decode from the encoder input;
-decoder-only models continue the first half of each target sequence (the prompt) to its length.
+task's vocabulary), then a `.COMPLETED` marker beside it. Encoder-decoders decode from the encoder input,
+a mixture task by task (one file per task that has the split); decoder-only models continue the first
+half of each target sequence (the prompt) to its length.
+
+SuperGLUE leaderboard: for SuperGLUE tasks (super_glue_*_v102, their _t5vocab twins, the mixture) the
+official submission files are written beside the predictions: INFER_OUTPUT_DIR/BoolQ.jsonl, CB.jsonl, ...
+(tasks.superglue.write_submission; run on the 'test' split, INFER_SPLIT = 'test').
 """
 
+import dataclasses
 import json
 import os
 from typing import Any, Optional
@@ -34,46 +40,82 @@ def infer(*, model: Any = gin.REQUIRED, checkpoint_path: Optional[str] = gin.REQ
           infer_output_dir: Optional[str] = gin.REQUIRED,
           dataset_cfg: data_lib.DatasetConfig = gin.REQUIRED, max_batches: Optional[int] = None,
           method: str = 'greedy', num_expert_partitions: int = 1, num_model_partitions: int = 1,
-          shard_id: int = 0, num_shards: int = 1) -> str:
-  """Decodes dataset_cfg's split (max_batches batches, None: all); returns the output file's path."""
-  from tasks import common  # pylint: disable=g-import-not-at-top
+          shard_id: int = 0, num_shards: int = 1, write_submissions: bool = True) -> list[str]:
+  """Decodes dataset_cfg's split (max_batches batches, None: all); returns the paths written."""
   checkpoint_path = train_lib.required(checkpoint_path, 'CHECKPOINT_PATH', '"\'runs/my_run\'"')
   infer_output_dir = train_lib.required(infer_output_dir, 'INFER_OUTPUT_DIR', '"\'runs/my_run/infer\'"')
-  trainer, params, _, ds = evaluate_lib.restore_trainer(model, checkpoint_path, dataset_cfg,
+  tasks = evaluate_lib.tasks_with_split(dataset_cfg.mixture_or_task_name, dataset_cfg.split)
+  cfgs = [dataclasses.replace(dataset_cfg, mixture_or_task_name=t.name) for t in tasks]
+  trainer, params, _, _ = evaluate_lib.restore_trainer(model, checkpoint_path, cfgs[0],
                                                         num_expert_partitions, num_model_partitions)
-  vocabulary = common.get_task_or_mixture(dataset_cfg.mixture_or_task_name).output_features[
-      'targets'].vocabulary
-  name = dataset_cfg.mixture_or_task_name
   os.makedirs(infer_output_dir, exist_ok=True)
-  path = os.path.join(infer_output_dir, f'{name}-predict.jsonl-{shard_id:05d}-of-{num_shards:05d}')
-  encoder_decoder = trainer.kind == data_lib.ENCODER_DECODER
-  rows = dataset_cfg.batch_size // jax.process_count()
-  with open(path, 'w') as f:
-    for i, batch in enumerate(data_lib.DataIterator(ds)):
-      if max_batches is not None and i >= max_batches:
-        break
-      real = batch['decoder_target_tokens'].shape[0]
-      batch = data_lib.pad_batch(batch, rows)
-      targets = batch['decoder_target_tokens']
-      length = targets.shape[1]
-      if encoder_decoder:
-        tokens, _ = decoding.generate(trainer.model, params, max_decode_length=length, method=method,
-                                      encoder_input_tokens=batch['encoder_input_tokens'])
-        inputs = batch['encoder_input_tokens']
-      else:  # continue the first half of each sequence
-        prompt = np.where(np.arange(length)[None] < length // 2, targets, 0)
-        tokens, _ = decoding.generate(trainer.model, params, max_decode_length=length, method=method,
-                                      prompt=prompt)
-        inputs = prompt
-      tokens = np.asarray(jax.device_get(tokens))
-      for row in range(real):
-        f.write(json.dumps({'inputs': _text(vocabulary, inputs[row]),
-                            'targets': _text(vocabulary, targets[row]),
-                            'prediction': _text(vocabulary, tokens[row]),
-                            'prediction_tokens': tokens[row].tolist()}) + '\n')
+  suffix = f'-predict.jsonl-{shard_id:05d}-of-{num_shards:05d}'
+  if trainer.kind != data_lib.ENCODER_DECODER:
+    path = os.path.join(infer_output_dir, dataset_cfg.mixture_or_task_name + suffix)
+    return [_infer_decoder_only(trainer, params, dataset_cfg, path, max_batches, method)]
+  paths = []
+  for task, cfg in zip(tasks, cfgs):
+    examples, predictions, tokens = evaluate_lib.predict_task(trainer, params, task, cfg, max_batches,
+                                                              method)
+    records = evaluate_lib.prediction_records(task, examples, predictions)
+    for record, toks in zip(records, tokens):
+      record['prediction_tokens'] = [int(t) for t in toks]
+    paths.append(_write_jsonl(os.path.join(infer_output_dir, task.name + suffix), records))
+    if write_submissions and _has_submission_file(task.name):
+      paths.append(_write_submission(infer_output_dir, task.name, examples, predictions, cfg.split))
+  return paths
+
+
+def _write_jsonl(path: str, records) -> str:
+  with open(path, 'w', encoding='utf-8') as f:
+    for record in records:
+      f.write(json.dumps(record) + '\n')
   open(path + '.COMPLETED', 'w').close()
   print(f'Wrote predictions to {path}', flush=True)
   return path
+
+
+def _has_submission_file(task_name: str) -> bool:
+  from tasks import superglue  # pylint: disable=g-import-not-at-top
+  try:
+    superglue.submission_filename(task_name)
+  except ValueError:
+    return False
+  return True
+
+
+def _write_submission(output_dir: str, task_name: str, examples, predictions, split: str) -> str:
+  from tasks import superglue  # pylint: disable=g-import-not-at-top
+  path = superglue.write_submission(output_dir, task_name, examples, predictions)
+  note = '' if split == 'test' else f' (from the {split!r} split; the leaderboard wants INFER_SPLIT=\'test\')'
+  print(f'Wrote the SuperGLUE submission file {path}{note}', flush=True)
+  return path
+
+
+def _infer_decoder_only(trainer, params, dataset_cfg: data_lib.DatasetConfig, path: str,
+                        max_batches: Optional[int], method: str) -> str:
+  """Continues the first half of each target sequence (the prompt) to its length."""
+  from tasks import common  # pylint: disable=g-import-not-at-top
+  vocabulary = common.get_task_or_mixture(dataset_cfg.mixture_or_task_name).output_features[
+      'targets'].vocabulary
+  ds = data_lib.get_dataset(dataset_cfg, trainer.kind, num_processes=jax.process_count(),
+                            shard=data_lib.shard_info())
+  rows = dataset_cfg.batch_size // jax.process_count()
+  records = []
+  for i, batch in enumerate(data_lib.DataIterator(ds)):
+    if max_batches is not None and i >= max_batches:
+      break
+    real = batch['decoder_target_tokens'].shape[0]
+    targets = data_lib.pad_batch(batch, rows)['decoder_target_tokens']
+    length = targets.shape[1]
+    prompt = np.where(np.arange(length)[None] < length // 2, targets, 0)
+    tokens, _ = decoding.generate(trainer.model, params, max_decode_length=length, method=method,
+                                  prompt=prompt)
+    tokens = np.asarray(jax.device_get(tokens))
+    records += [{'inputs': _text(vocabulary, prompt[row]), 'targets': _text(vocabulary, targets[row]),
+                 'prediction': _text(vocabulary, tokens[row]), 'prediction_tokens': tokens[row].tolist()}
+                for row in range(real)]
+  return _write_jsonl(path, records)
 
 
 if __name__ != '__main__':

@@ -33,7 +33,11 @@ class Dense(nn.Module):
   def __call__(self, inputs: Array) -> Array:
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.axes),
                         (inputs.shape[-1], self.features), jnp.float32)
-    return jnp.dot(inputs.astype(self.dtype), kernel.astype(self.dtype))
+    # One matrix product over all leading dims: XLA:CPU runs the weight gradient of a [B, L, H] dot
+    # (two contracting dims) about 1.7x slower than the same product on [B·L, H].
+    x = inputs.astype(self.dtype).reshape(-1, inputs.shape[-1])
+    y = jnp.dot(x, kernel.astype(self.dtype))
+    return y.reshape(*inputs.shape[:-1], self.features)
 
 
 class MlpBlock(nn.Module):
@@ -125,7 +129,9 @@ class Embed(nn.Module):
 
   def attend(self, query: Array) -> Array:
     """Logits against every embedding: <float>[..., H] -> <dtype>[..., V]."""
-    return jnp.einsum('...h,vh->...v', query.astype(self.dtype), self.embedding.astype(self.dtype))
+    flat = query.astype(self.dtype).reshape(-1, query.shape[-1])  # 2-D product: see Dense
+    logits = jnp.dot(flat, self.embedding.astype(self.dtype).T)
+    return logits.reshape(*query.shape[:-1], self.embedding.shape[0])
 
 
 def relative_position_bucket(relative_position: Array, bidirectional: bool = True, num_buckets: int = 32,
@@ -220,8 +226,11 @@ class DenseGeneral(nn.Module):
       return self.kernel_init(rng, flat, dtype).reshape(shape)
 
     kernel = self.param('kernel', nn.with_logical_partitioning(init, self.axes), shape, jnp.float32)
-    dims = (tuple(range(inputs.ndim - self.num_contract, inputs.ndim)), tuple(range(self.num_contract)))
-    return jax.lax.dot_general(inputs.astype(self.dtype), kernel.astype(self.dtype), (dims, ((), ())))
+    # As one 2-D matrix product (see Dense): [prod(leading), prod(in)] · [prod(in), prod(features)].
+    leading = inputs.shape[:inputs.ndim - self.num_contract]
+    x = inputs.astype(self.dtype).reshape(int(np.prod(leading)), int(np.prod(in_shape)))
+    y = jnp.dot(x, kernel.astype(self.dtype).reshape(x.shape[1], -1))
+    return y.reshape(*leading, *self.features)
 
 
 def make_attention_mask(query_input: Array, key_input: Array,
