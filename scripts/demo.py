@@ -31,7 +31,7 @@ sys.path.insert(0, REPO)
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--model_dir', default=os.path.join(REPO, 'runs', 'demo'))
-  parser.add_argument('--steps', type=int, default=800)
+  parser.add_argument('--steps', type=int, default=600)
   parser.add_argument('--batch_size', type=int, default=16)
   parser.add_argument('--length', type=int, default=256)
   parser.add_argument('--learning_rate', type=float, default=1.0, help='BASE_LEARNING_RATE (rsqrt schedule)')
