@@ -92,7 +92,7 @@ class RecurrentRouterCell(nn.Module):
       raise ValueError(f'MoeConfig.recurrent_router_cell must be one of {RECURRENT_CELLS}, got {self.cell!r}.')
     p = self.features
     rows = 3 if self.cell == 'gru' else 1
-    kernel = lambda name: self.param(name, _normal(self.init_std, ('unmodeled', 'unmodeled')),
+    kernel = lambda name: self.param(name, _normal(self.init_std, ('unmodeled', None)),
                                      (p, rows * p), jnp.float32)
     bias = lambda name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, ('unmodeled',)),
                                    (rows * p,), jnp.float32)
@@ -160,6 +160,6 @@ class RecurrentRouter(nn.Module):
     projected = Dense(p, ('embed', 'unmodeled'), jnp.float32, nn.initializers.normal(stddev=self.init_std),
                       name='input_projection')(x)  # [..., p]
     state = self.cell(projected, state)
-    logits = Dense(self.num_experts, ('unmodeled', 'unmodeled'), jnp.float32,
+    logits = Dense(self.num_experts, ('unmodeled', None), jnp.float32,
                    nn.initializers.normal(stddev=self.init_std), name='output_projection')(state)
     return logits, state
