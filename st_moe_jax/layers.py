@@ -22,6 +22,11 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 default_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
 
 
+def input_projection_names(num_inputs: int) -> list[str]:
+  """flaxformer's FFN kernel names: 'wi' for one input projection, 'wi_0', 'wi_1', ... for gated FFNs."""
+  return ['wi'] if num_inputs == 1 else [f'wi_{i}' for i in range(num_inputs)]
+
+
 class Dense(nn.Module):
   """y = x · kernel, no bias, with a float32 kernel [in, out] carrying logical axis names."""
   features: int
@@ -70,7 +75,7 @@ class MlpBlock(nn.Module):
         raise ValueError(f'Unknown activation {name!r} in MlpBlock.activations; choose from '
                          f'{sorted(ACTIVATIONS)}.')
     axes = (self.input_axis_name, self.intermediate_axis_name)
-    names = ['wi'] if len(self.activations) == 1 else [f'wi_{i}' for i in range(len(self.activations))]
+    names = input_projection_names(len(self.activations))
     hidden = None
     for name, act in zip(names, self.activations):
       h = Dense(self.intermediate_dim, axes, self.dtype, self.kernel_init, name=name)(inputs)

@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from st_moe_jax.layers import ACTIVATIONS
+from st_moe_jax.layers import ACTIVATIONS, input_projection_names
 from st_moe_jax.routers import LinearRouter
 
 Array = jax.Array
@@ -156,7 +156,7 @@ class LoryExperts(nn.Module):
   def __call__(self, hidden: int) -> dict[str, Array]:
     init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=-2, out_axis=-1,
                                             batch_axis=(0,))
-    names = ['wi'] if self.num_inputs == 1 else [f'wi_{i}' for i in range(self.num_inputs)]
+    names = input_projection_names(self.num_inputs)
     shapes = {n: (self.num_experts, hidden, self.intermediate_dim) for n in names}
     shapes['wo'] = (self.num_experts, self.intermediate_dim, hidden)
     axes = {n: ('expert', 'mlp_embed', 'expert_mlp') for n in names}

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from st_moe_jax import dispatch as dispatch_lib
 from st_moe_jax import routing
-from st_moe_jax.layers import ACTIVATIONS, MlpBlock
+from st_moe_jax.layers import ACTIVATIONS, MlpBlock, input_projection_names
 from st_moe_jax.routers import LinearRouter
 
 Array = jax.Array
@@ -283,7 +283,7 @@ class MoeLayer(nn.Module):
     kernels = nn.unbox(mlp.variables['params'])
     layout = dispatch_lib.dropless_layout(expert_index, self.num_experts, real, self.dropless_tile_size)
     rows = dispatch_lib.dropless_dispatch(x.astype(self.dtype), layout)  # [R, H]
-    names = ['wi'] if len(self.activations) == 1 else [f'wi_{i}' for i in range(len(self.activations))]
+    names = input_projection_names(len(self.activations))
     hidden_rows = None
     for name, act in zip(names, self.activations):
       h = dispatch_lib.grouped_matmul(rows, kernels[name]['kernel'].astype(self.dtype), layout,
