@@ -14,6 +14,7 @@ Dropless routing has no buffers: `dropless_layout` sorts every (token, choice) b
 """
 
 import functools
+from typing import Sequence
 
 import flax.struct
 import jax
@@ -162,16 +163,12 @@ class DroplessLayout:
     row_token: <int32>[1, 1, R] the flat token (in [0, N)) of each row; N for padding rows.
     row_choice: <int32>[R] the flat (token, choice) index t·k + j of each row; N·k for padding rows.
     token_row: <int32>[1, N, k] the row of each choice; R for padding tokens (never dispatched).
-    tile_expert: <int32>[R / tile] the expert of each tile (tiles past num_tiles: E − 1, unused).
-    num_tiles: <int32>[] tiles in use.
-    group_sizes: <int32>[E] rows of each expert, padding included (for ragged_dot).
+    group_sizes: <int32>[E] rows of each expert, padding included (a multiple of tile).
     tile: rows per tile (static).
   """
   row_token: Array
   row_choice: Array
   token_row: Array
-  tile_expert: Array
-  num_tiles: Array
   group_sizes: Array
   tile: int = flax.struct.field(pytree_node=False)
 
@@ -203,13 +200,10 @@ def dropless_layout(expert_index: Array, num_experts: int, padding_mask=None, ti
   row = jnp.where(key < num_experts, start[jnp.minimum(key, num_experts - 1)] + rank, num_rows)
   choice = jnp.arange(num_choices, dtype=jnp.int32)
   row_choice = jnp.full((num_rows,), num_choices, jnp.int32).at[row].set(choice, mode='drop')
-  tile_end = jnp.cumsum(padded) // tile  # [E] first tile past each expert
-  tile_expert = jnp.searchsorted(tile_end, jnp.arange(num_rows // tile), side='right')
   return DroplessLayout(
       row_token=(row_choice // k).reshape(1, 1, num_rows), row_choice=row_choice,
       token_row=row.reshape(1, n, k).astype(jnp.int32),
-      tile_expert=jnp.minimum(tile_expert, num_experts - 1).astype(jnp.int32),
-      num_tiles=tile_end[-1].astype(jnp.int32), group_sizes=padded, tile=tile)
+      group_sizes=padded, tile=tile)
 
 
 def dropless_dispatch(token_inputs: Array, layout: DroplessLayout) -> Array:
@@ -234,68 +228,125 @@ def dropless_combine(rows: Array, weights: Array, layout: DroplessLayout) -> Arr
   return y.reshape(num_groups, num_tokens, hidden)
 
 
-def _tile_matmuls(x, w, tile_expert, num_tiles, tile, transpose_w):
-  """out[tile i] = x[tile i] · w[e_i] (or · w[e_i]ᵀ), for the tiles in use; other rows 0.
+CHUNK_TILES = 16  # the largest chunk of one expert's rows, in tiles
 
-  x: [R, K]; w: [E, K, M] (or [E, M, K] when transpose_w). Returns [R, M].
+
+def _chunk_schedules(group_sizes, tile, num_rows):
+  """Covers each expert's rows with chunks: as many of B = CHUNK_TILES·tile rows as fit, then one chunk
+  of exactly the remainder (a multiple of tile). An expert of at most B rows is a single matmul: each
+  chunk costs a copy of its expert's kernel and, in the backward pass, an update of its weight gradient,
+  so fewer chunks mean less memory traffic. No row runs twice and none is wasted.
+
+  Returns [(rows, offsets <int32>[n], experts <int32>[n], count <int32>[])] for each chunk size, n a
+  static bound and count the chunks in use. Chunks of one size run in one flat loop, so the loop carry
+  (the output) is updated in place.
   """
-  out_dim = w.shape[1] if transpose_w else w.shape[2]
-  contract = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
+  sizes = group_sizes.astype(jnp.int32)
+  num_experts = sizes.shape[0]
+  starts = jnp.cumsum(sizes) - sizes
+  num_chunk_tiles = max(1, min(CHUNK_TILES, num_rows // tile))
+  big = num_chunk_tiles * tile
+  num_big = sizes // big
+  cum = jnp.cumsum(num_big)
+  index = jnp.arange(num_rows // big, dtype=jnp.int32)
+  expert = jnp.minimum(jnp.searchsorted(cum, index, side='right'), num_experts - 1).astype(jnp.int32)
+  offset = starts[expert] + (index - (cum[expert] - num_big[expert])) * big
+  schedules = [(big, offset, expert, cum[-1])]
+  rest = sizes % big
+  for rows in range(tile, big, tile):
+    present = rest == rows
+    expert = jnp.nonzero(present, size=num_experts, fill_value=0)[0].astype(jnp.int32)
+    offset = starts + num_big * big
+    schedules.append((rows, offset[expert], expert, present.sum(dtype=jnp.int32)))
+  return schedules
 
-  def body(i, out):
-    x_tile = jax.lax.dynamic_slice_in_dim(x, i * tile, tile, 0)
-    w_e = jax.lax.dynamic_index_in_dim(w, tile_expert[i], 0, keepdims=False)
-    y = jax.lax.dot_general(x_tile, w_e, contract, preferred_element_type=jnp.float32).astype(x.dtype)
-    return jax.lax.dynamic_update_slice_in_dim(out, y, i * tile, 0)
 
-  return jax.lax.fori_loop(0, num_tiles, body, jnp.zeros((x.shape[0], out_dim), x.dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _tiled_grouped_matmul(x, w, tile_expert, num_tiles, tile):
-  return _tile_matmuls(x, w, tile_expert, num_tiles, tile, transpose_w=False)
+def _run_chunks(schedules, body, carry):
+  """carry = body(offset, expert, rows, carry) for every chunk of every schedule."""
+  for rows, offsets, experts, count in schedules:
+    carry = jax.lax.fori_loop(
+        0, count, lambda i, c, r=rows, o=offsets, e=experts: body(o[i], e[i], r, c), carry)
+  return carry
 
 
-def _tiled_grouped_matmul_fwd(x, w, tile_expert, num_tiles, tile):
-  return _tiled_grouped_matmul(x, w, tile_expert, num_tiles, tile), (x, w, tile_expert, num_tiles)
+def _grouped_products(x, kernels, schedules):
+  """outs[i][rows of e] = x[rows of e] · kernels[i][e]; rows past the experts' rows are 0.
+
+  x: [R, K]; kernels: tuple of [E, K, M_i]. Returns a tuple of [R, M_i]. Kernels that share an input
+  share its loop: each chunk of x is read once for all of them.
+  """
+  def chunk(offset, expert, rows, outs):
+    x_chunk = jax.lax.dynamic_slice_in_dim(x, offset, rows, 0)
+    new = []
+    for w, out in zip(kernels, outs):
+      w_e = jax.lax.dynamic_index_in_dim(w, expert, 0, keepdims=False)
+      y = jnp.dot(x_chunk, w_e, preferred_element_type=jnp.float32)
+      new.append(jax.lax.dynamic_update_slice_in_dim(out, y.astype(x.dtype), offset, 0))
+    return tuple(new)
+
+  outs = tuple(jnp.zeros((x.shape[0], w.shape[2]), x.dtype) for w in kernels)
+  return _run_chunks(schedules, chunk, outs)
 
 
-def _tiled_grouped_matmul_bwd(tile, residuals, d_out):
-  x, w, tile_expert, num_tiles = residuals
-  d_x = _tile_matmuls(d_out, w, tile_expert, num_tiles, tile, transpose_w=True)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tiled_grouped_matmul(x, kernels, group_sizes, tile):
+  return _grouped_products(x, kernels, _chunk_schedules(group_sizes, tile, x.shape[0]))
 
-  # Autodiff of the loop would stack one [K, M] weight gradient per tile. Instead, for each expert, sum
-  # xᵀ · d_out over its (contiguous) tiles in a [K, M] loop carry; the map stacks the E sums.
-  tile_end = jnp.searchsorted(tile_expert, jnp.arange(w.shape[0]), side='right').astype(jnp.int32)
-  tile_end = jnp.minimum(tile_end, num_tiles)
-  tile_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), tile_end[:-1]])
 
-  def expert_grad(bounds):
-    def body(i, acc):
-      x_tile = jax.lax.dynamic_slice_in_dim(x, i * tile, tile, 0)
-      d_tile = jax.lax.dynamic_slice_in_dim(d_out, i * tile, tile, 0)
-      return acc + jax.lax.dot_general(x_tile, d_tile, (((0,), (0,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
-    return jax.lax.fori_loop(bounds[0], bounds[1], body, jnp.zeros(w.shape[1:], jnp.float32))
+def _tiled_grouped_matmul_fwd(x, kernels, group_sizes, tile):
+  return _tiled_grouped_matmul(x, kernels, group_sizes, tile), (x, kernels, group_sizes)
 
-  d_w = jax.lax.map(expert_grad, jnp.stack([tile_start, tile_end], axis=1))
-  return d_x, d_w.astype(w.dtype), None, None
+
+def _tiled_grouped_matmul_bwd(tile, residuals, d_outs):
+  """One loop for every gradient: a chunk's d_x is Σ_i d_out_i · kernels[i][e]ᵀ, and x_chunkᵀ · d_out_i
+  is added to expert e's slice of the [E, K, M_i] weight gradient (autodiff of the loop would stack one
+  [K, M] gradient per chunk instead)."""
+  x, kernels, group_sizes = residuals
+  schedules = _chunk_schedules(group_sizes, tile, x.shape[0])
+
+  def chunk(offset, expert, rows, carry):
+    d_x, d_ws = carry
+    x_chunk = jax.lax.dynamic_slice_in_dim(x, offset, rows, 0)
+    d_x_chunk = 0.0
+    new_d_ws = []
+    for w, d_out, d_w in zip(kernels, d_outs, d_ws):
+      d_chunk = jax.lax.dynamic_slice_in_dim(d_out, offset, rows, 0)
+      w_e = jax.lax.dynamic_index_in_dim(w, expert, 0, keepdims=False)
+      d_x_chunk = d_x_chunk + jax.lax.dot_general(d_chunk, w_e, (((1,), (1,)), ((), ())),
+                                                  preferred_element_type=jnp.float32)
+      grad = jax.lax.dot_general(x_chunk, d_chunk, (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+      acc = jax.lax.dynamic_index_in_dim(d_w, expert, 0, keepdims=True)
+      new_d_ws.append(jax.lax.dynamic_update_index_in_dim(d_w, acc + grad[None], expert, 0))
+    d_x = jax.lax.dynamic_update_slice_in_dim(d_x, d_x_chunk.astype(x.dtype), offset, 0)
+    return d_x, tuple(new_d_ws)
+
+  carry = (jnp.zeros_like(x), tuple(jnp.zeros(w.shape, jnp.float32) for w in kernels))
+  d_x, d_ws = _run_chunks(schedules, chunk, carry)
+  return d_x, tuple(d_w.astype(w.dtype) for d_w, w in zip(d_ws, kernels)), None
 
 
 _tiled_grouped_matmul.defvjp(_tiled_grouped_matmul_fwd, _tiled_grouped_matmul_bwd)
 
 
-def grouped_matmul(rows: Array, kernel: Array, layout: DroplessLayout, method: str = 'auto') -> Array:
-  """Each expert's rows times its kernel: <float>[R, K], <float>[E, K, M] -> <float>[R, M].
+def grouped_matmuls(rows: Array, kernels: Sequence[Array], layout: DroplessLayout, method: str = 'auto'
+                    ) -> tuple:
+  """Each expert's rows times its kernels: <float>[R, K], E-stacked kernels [E, K, M_i] -> ([R, M_i], ...).
 
-  'tiled': a loop of tile · kernel[e] matmuls with a hand-written backward (fast on CPU). 'ragged_dot':
+  'tiled': loops of chunk · kernel[e] matmuls (one per expert, or chunks of CHUNK_TILES tiles for larger experts;
+  all kernels in one loop) with a hand-written backward; the fastest approach found on CPU. 'ragged_dot':
   jax.lax.ragged_dot, XLA's grouped matmul (GPU/TPU; on CPU it lowers to a dense masked product, 8–60×
-  slower). 'auto' picks ragged_dot on accelerators and tiled on CPU. Rows past the tiles in use are 0.
+  slower). 'auto' picks ragged_dot on accelerators and tiled on CPU. Rows past the experts' rows are 0.
   """
   if method not in GROUPED_MATMUL_METHODS:
     raise ValueError(f'Unknown grouped matmul method {method!r}; choose one of {GROUPED_MATMUL_METHODS}.')
   if method == 'auto':
     method = 'ragged_dot' if jax.default_backend() in ('gpu', 'tpu') else 'tiled'
   if method == 'ragged_dot':
-    return jax.lax.ragged_dot(rows, kernel, layout.group_sizes)
-  return _tiled_grouped_matmul(rows, kernel, layout.tile_expert, layout.num_tiles, layout.tile)
+    return tuple(jax.lax.ragged_dot(rows, kernel, layout.group_sizes) for kernel in kernels)
+  return _tiled_grouped_matmul(rows, tuple(kernels), layout.group_sizes, layout.tile)
+
+
+def grouped_matmul(rows: Array, kernel: Array, layout: DroplessLayout, method: str = 'auto') -> Array:
+  """<float>[R, K], <float>[E, K, M] -> <float>[R, M]: grouped_matmuls with one kernel."""
+  return grouped_matmuls(rows, (kernel,), layout, method)[0]

@@ -111,7 +111,7 @@ class MoeLayer(nn.Module):
   batch_prioritized_routing: bool = False
   sparsemixer_eps: float = 0.01
   dropless: bool = False
-  dropless_tile_size: int = 64
+  dropless_tile_size: int = 32
   grouped_matmul_method: str = 'auto'
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
@@ -284,10 +284,11 @@ class MoeLayer(nn.Module):
     layout = dispatch_lib.dropless_layout(expert_index, self.num_experts, real, self.dropless_tile_size)
     rows = dispatch_lib.dropless_dispatch(x.astype(self.dtype), layout)  # [R, H]
     names = input_projection_names(len(self.activations))
+    projections = dispatch_lib.grouped_matmuls(
+        rows, [kernels[name]['kernel'].astype(self.dtype) for name in names], layout,
+        self.grouped_matmul_method)  # each [R, F]
     hidden_rows = None
-    for name, act in zip(names, self.activations):
-      h = dispatch_lib.grouped_matmul(rows, kernels[name]['kernel'].astype(self.dtype), layout,
-                                      self.grouped_matmul_method)  # [R, F]
+    for h, act in zip(projections, self.activations):
       h = ACTIVATIONS[act](h)
       hidden_rows = h if hidden_rows is None else hidden_rows * h
     hidden_rows = nn.Dropout(rate=self.expert_dropout_rate)(hidden_rows, deterministic=not enable_dropout)

@@ -27,13 +27,27 @@ def test_layout_sorts_choices_by_expert_and_pads_each_expert_to_tiles():
   # Real choices: expert 0 <- (0,1), (1,0), (3,0); expert 1 <- (1,1); expert 2 <- (0,0), (3,1).
   # Expert 0 takes 3 rows, padded to 4; expert 1 takes 1, padded to 2; expert 2 takes 2.
   np.testing.assert_array_equal(layout.group_sizes, [4, 2, 2])
-  assert int(layout.num_tiles) == 4
-  np.testing.assert_array_equal(layout.tile_expert[:4], [0, 0, 1, 2])
   empty = 4 * 2  # N·k marks a padding row
   np.testing.assert_array_equal(layout.row_choice[:8], [1, 2, 6, empty, 3, empty, 0, 7])
   assert (np.asarray(layout.row_choice[8:]) == empty).all()
   # Each choice points at its row; the padding token points past the end.
   np.testing.assert_array_equal(layout.token_row[0], [[6, 0], [1, 4], [layout.num_rows] * 2, [2, 7]])
+
+
+def test_chunk_schedule_covers_every_row_of_every_expert_once():
+  # tile 2, chunks of at most CHUNK_TILES·2 = 32 rows: expert 1 (70 rows) needs two full chunks and a
+  # 6-row remainder, expert 3 has no rows, the others are one chunk of exactly their size.
+  group_sizes = jnp.array([4, 70, 32, 0, 10], jnp.int32)
+  num_rows = 128
+  covered = np.zeros(num_rows, int)
+  owner = np.full(num_rows, -1)
+  for rows, offsets, experts, count in dispatch._chunk_schedules(group_sizes, 2, num_rows):
+    assert rows <= dispatch.CHUNK_TILES * 2 and rows % 2 == 0
+    for offset, expert in zip(np.asarray(offsets)[:int(count)], np.asarray(experts)[:int(count)]):
+      covered[offset:offset + rows] += 1
+      owner[offset:offset + rows] = expert
+  np.testing.assert_array_equal(covered, np.r_[np.ones(116, int), np.zeros(12, int)])
+  np.testing.assert_array_equal(owner[:116], np.repeat([0, 1, 2, 4], [4, 70, 32, 10]))
 
 
 @pytest.mark.parametrize('tile', [1, 3, 8])
@@ -45,8 +59,9 @@ def test_grouped_matmul_methods_equal_a_per_row_product_with_gradients(tile):
   rows = dispatch.dropless_dispatch(jax.random.normal(keys[1], (2, 7, H)), layout)
   kernel = jax.random.normal(keys[2], (E, H, F))
   upstream = jax.random.normal(keys[3], (layout.num_rows, F))
-  row_expert = jnp.repeat(layout.tile_expert, tile)  # padding rows hold zeros, any expert will do
-  in_use = (jnp.arange(layout.num_rows) < layout.num_tiles * tile)[:, None]  # rows past the tiles are 0
+  # Padding rows hold zeros, any expert will do; rows past the experts' rows are 0.
+  row_expert = jnp.repeat(jnp.arange(E), layout.group_sizes, total_repeat_length=layout.num_rows)
+  in_use = (jnp.arange(layout.num_rows) < layout.group_sizes.sum())[:, None]
 
   def loss(method, rows, kernel):
     if method == 'reference':
