@@ -45,7 +45,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -176,49 +175,12 @@ def batch_tokens(batch, enc_dec: bool) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # One training run.
 
-class RecurrentRouterTrainer(trainer_lib.Trainer):
-  """The Trainer for RMoE models on one device: setup and init without the logical-axis rules.
-
-  Work-around (st_moe_jax is not changed here): the recurrent router cell's kernels declare the logical
-  axes ('unmodeled', 'unmodeled'), and flax refuses a repeated axis name whenever the rules are active
-  ("Dimensions ('unmodeled',) occur more than once in array names"), so Trainer.setup / init_params fail for
-  router='recurrent'. Here parameters are initialised outside the rules and every parameter is
-  replicated (one device, so nothing changes); the jitted train and eval steps are the Trainer's.
-  """
-
-  def setup(self, batch):
-    if self.mesh.size != 1:
-      raise ValueError('RecurrentRouterTrainer replicates every parameter: use a one-device mesh.')
-    boxed = jax.eval_shape(self._init_variables, jax.random.key(0), batch)
-    self.logical_axes = partitioning.logical_axes(boxed)
-    self.tx = self.make_optimizer(self.learning_rate, optim.factor_rules(boxed))
-    abstract_params = nn.unbox(boxed)
-    replicated = partitioning.replicated(self.mesh)
-    self.param_shardings = jax.tree.map(lambda _: replicated, abstract_params)
-    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-    self.opt_shardings = jax.tree.map(lambda _: replicated, abstract_opt)
-    self.abstract_params, self.abstract_opt_state = abstract_params, abstract_opt
-    self.state_shardings = trainer_lib.TrainState(replicated, self.param_shardings, self.opt_shardings)
-    self.batch_shardings = partitioning.batch_shardings(dict(batch), self.mesh)
-    self._compile()
-
-  def init_params(self):
-    example = {k: jax.numpy.zeros(v.shape, jax.numpy.int32) for k, v in self.abstract_batch.items()}
-    init = jax.jit(lambda rng: nn.unbox(self._init_variables(rng, example)), out_shardings=self.param_shardings)
-    return init(jax.random.key(self.seed))
-
-  def init_opt_state(self, params):
-    return jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
-
-
 def train_one(name: str, args, train_batches, eval_batches, mesh) -> dict:
   enc_dec = name in ENC_DEC
   model = build_model(name, args)
   schedule = optim.create_learning_rate_scheduler('constant * rsqrt_decay', args.learning_rate,
                                                   args.warmup_steps)
-  recurrent = getattr(getattr(model, 'moe', None), 'router', 'linear') == 'recurrent'
-  trainer_cls = RecurrentRouterTrainer if recurrent else trainer_lib.Trainer
-  trainer = trainer_cls(model, optim.adafactor, schedule, mesh, seed=args.seed)
+  trainer = trainer_lib.Trainer(model, optim.adafactor, schedule, mesh, seed=args.seed)
   start = time.time()
   trainer.prepare(train_batches[0])
   state = trainer.create_state()
