@@ -13,6 +13,15 @@ per group, so no token of the step is ever dropped (see `models.TransformerLayer
 tokens-choose routing without BPR is then a per-token decision, cached decoding gives the same tokens as
 recomputing the full sequence whenever the full pass does not drop tokens either (eval capacity factor
 ≥ E / k guarantees that; with smaller factors, a full-sequence pass may drop tokens that decoding keeps).
+
+Lory layers at decode time (rule): a decoder-only model is told which fed tokens are its prompt
+(`prompt_positions`, the decoder_causal_attention of seqio's PrefixLM), so Lory layers with
+lory_inference_routing='prompt' route every generated token on the mean of the whole prompt, as the paper
+does; a prompt token is routed on the prompt fed so far, since decoding feeds one token at a time. Rows
+without a prompt route by segments, as in training. Attention stays causal over the prompt. Generation
+therefore equals recomputing with causal attention and each position routed on the prompt up to it
+(tests/test_lory.py); a full pass given decoder_causal_attention differs on two counts: the prompt attends
+bidirectionally (prefix LM), and prompt tokens route on the whole prompt.
 """
 
 import functools
@@ -204,6 +213,19 @@ def init_cache(model: nn.Module, batch_size: int, max_decode_length: int,
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+def prompt_positions(prompt: Array) -> Array:
+  """Which decoder inputs are the prompt: <int32>[B, L] from the forced tokens prompt <int>[B, L].
+
+  A row's prompt is its leading run of forced (non-zero) tokens, of length P. Decoder inputs are the
+  outputs shifted right behind BOS, so the prompt covers inputs 0..P (BOS and the P tokens): seqio's
+  PrefixLM `decoder_causal_attention` (inputs plus one). A row that forces no leading token has no prompt
+  (all zeros). Forced tokens after a free position are forced, not prompt.
+  """
+  length = jnp.sum(jnp.cumprod(prompt != 0, axis=1), axis=1)  # P [B]
+  positions = jnp.arange(prompt.shape[1])[None]
+  return ((positions <= length[:, None]) & (length[:, None] > 0)).astype(jnp.int32)
+
+
 def _repeat_rows(x: Array, n: int) -> Array:
   """[B, ...] -> [B·n, ...], row b repeated n times (beam k of example b is row b·n + k)."""
   return x if n == 1 else jnp.repeat(x, n, axis=0)
@@ -222,7 +244,8 @@ def generate(model: nn.Module, params: Any, *, max_decode_length: int,
     params: the model's params.
     max_decode_length: L, the number of decoder positions.
     encoder_input_tokens: <int>[B, Le] for encoder-decoders.
-    prompt: optional <int>[B, L] forced tokens (0 = free); decoder-only prompts go here.
+    prompt: optional <int>[B, L] forced tokens (0 = free); decoder-only prompts go here. For a decoder-only
+      model the leading forced tokens are also its prompt for Lory's prompt routing (`prompt_positions`).
     method: 'greedy', 'sample' (temperature / topk) or 'beam' (beam_size, alpha).
     rng: sampling key.
 
@@ -235,6 +258,8 @@ def generate(model: nn.Module, params: Any, *, max_decode_length: int,
   encoder_decoder = isinstance(model, models.EncoderDecoder)
   if encoder_decoder and encoder_input_tokens is None:
     raise ValueError('An EncoderDecoder needs encoder_input_tokens to decode.')
+  if not encoder_decoder and prompt is None:
+    raise ValueError('A DecoderOnly needs a prompt <int>[batch, max_decode_length] (zeros: no prompt).')
   batch = encoder_input_tokens.shape[0] if encoder_decoder else prompt.shape[0]
   if prompt is None:
     prompt = jnp.zeros((batch, max_decode_length), jnp.int32)
@@ -248,19 +273,26 @@ def generate(model: nn.Module, params: Any, *, max_decode_length: int,
     encoded = model.apply({'params': params}, encoder_input_tokens, enable_dropout=False,
                           method=models.EncoderDecoder.encode)
     encoded, encoder_input_tokens = _repeat_rows(encoded, rows), _repeat_rows(encoder_input_tokens, rows)
-  cache = init_cache(model, batch * rows, max_decode_length,
-                     encoder_input_tokens.shape[1] if encoder_decoder else None)
+  else:
+    prompt_mask = _repeat_rows(prompt_positions(prompt), rows)  # [B·rows, L]
+  # The searches see one cache; it carries the step next to the model's cache, so that a decoder-only
+  # model learns whether the token it is fed belongs to the prompt.
+  cache = {'model': init_cache(model, batch * rows, max_decode_length,
+                               encoder_input_tokens.shape[1] if encoder_decoder else None),
+           'step': jnp.zeros((), jnp.int32)}
 
   def tokens_to_logits(tokens, cache):
-    variables = {'params': params, 'cache': cache}
+    variables = {'params': params, 'cache': cache['model']}
     if encoder_decoder:
       logits, state = model.apply(variables, encoded, encoder_input_tokens, tokens, None,
                                   enable_dropout=False, decode=True, max_decode_length=max_decode_length,
                                   method=models.EncoderDecoder.decode, mutable=['cache'])
     else:
-      logits, state = model.apply(variables, tokens, None, enable_dropout=False, decode=True,
-                                  max_decode_length=max_decode_length, mutable=['cache'])
-    return logits[:, -1], state['cache']
+      fed_prompt = jax.lax.dynamic_slice_in_dim(prompt_mask, cache['step'], 1, axis=1)  # [B·rows, 1]
+      logits, state = model.apply(variables, tokens, None, decoder_causal_attention=fed_prompt,
+                                  enable_dropout=False, decode=True, max_decode_length=max_decode_length,
+                                  mutable=['cache'])
+    return logits[:, -1], {'model': state['cache'], 'step': cache['step'] + 1}
 
   if method == 'beam':
     return beam_search(tokens_to_logits, cache, prompt, beam_size=beam_size, alpha=alpha, eos_id=eos_id)

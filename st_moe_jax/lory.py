@@ -14,10 +14,11 @@ First segment (there is no previous one):
 Inference (decode=True, incremental with a cache):
   'prompt' (default, the paper's): route once on the mean of the prompt and keep that merged FFN for the
     rest of generation. The layer learns which tokens are the prompt from `prompt_mask`
-    (DecoderOnly's `decoder_causal_attention`, 1 on prompt tokens): in a full pass (enable_dropout=False)
-    every position uses the prompt's weights; at decode steps the cache accumulates the prompt mean (a
-    prompt token is routed on the prompt seen so far). Without a prompt mask there is no prompt to
-    route on and the layer routes by segments.
+    (DecoderOnly's `decoder_causal_attention`, 1 on prompt tokens; `decoding.generate` passes it for
+    a prompt, see `decoding.prompt_positions`): in a full pass (enable_dropout=False) every position
+    uses the prompt's weights; at decode steps the cache accumulates the prompt mean (a prompt token is
+    routed on the prompt seen so far, every later token on the whole prompt). A row without prompt
+    tokens, like a call without a prompt mask, has no prompt to route on and routes by segments.
   'segment': re-route every T tokens exactly as in training. With the causal first segment, cached
     decoding then equals recomputing the full sequence (tests/test_lory.py).
 
@@ -88,6 +89,12 @@ def causal_segment_weights(segment_probs: Array, first_segment: str = 'uniform')
   return jnp.concatenate([first, segment_probs[:, :-1]], axis=1)
 
 
+def _masked_mean(x: Array, mask: Array) -> Array:
+  """x <float>[B, L, H], mask <float32>[B, L] -> <float32>[B, H]: mean of the masked tokens (0 if none)."""
+  total = jnp.einsum('blh,bl->bh', x.astype(jnp.float32), mask)
+  return total / jnp.maximum(mask.sum(-1), 1.0)[:, None]
+
+
 def merge_experts(weights: Array, kernel: Array) -> Array:
   """θ̄ = Σ_i w_i θ_i: weights <float32>[..., E], kernel <float32>[E, a, b] -> <float32>[..., a, b]."""
   return jnp.einsum('...e,eab->...ab', weights, kernel)
@@ -97,6 +104,7 @@ def upcycle_dense_to_lory(params: Any, *, num_experts: int, layer_indices: Seque
                           router_init_std: float = 2e-2, stack: str = 'decoder') -> dict:
   """Lory's dense warm-up recipe: copy a trained dense FFN into every expert, with a fresh random router.
 
+  Training runs use it through `train.fit_with_dense_warmup` (gin/runs/lory_warmup.gin).
   With identical experts the router gets exactly zero gradient (every ∂L/∂e_i is equal and the softmax
   Jacobian annihilates constants); the experts only drift apart because a *random* router makes the
   merged weights differ across segments. So the router is drawn from Normal(0, router_init_std), never 0.
@@ -138,6 +146,32 @@ def upcycle_dense_to_lory(params: Any, *, num_experts: int, layer_indices: Seque
                                                  jnp.float32)
     layers[name]['mlp'] = {'expert': experts, 'router': {'router_weights': {'w': {'kernel': router}}}}
   return params
+
+
+def dense_warmup_steps(fraction: float, train_steps: int) -> int:
+  """Steps of Lory's dense warm-up: round(fraction · TRAIN_STEPS), at least 1 when fraction > 0 (§3.3).
+
+  Args:
+    fraction: LORY_DENSE_WARMUP_FRACTION, in [0, 1); the paper trains dense for the first 0.05.
+    train_steps: TRAIN_STEPS, the whole run's steps (dense and Lory together).
+
+  Returns:
+    W: steps 1..W train the dense model, W+1..TRAIN_STEPS the upcycled Lory model; 0 means no warm-up.
+
+  Raises:
+    ValueError if fraction is outside [0, 1) or leaves no Lory step.
+  """
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+    raise ValueError(f'LORY_DENSE_WARMUP_FRACTION must be a number in [0, 1) (the fraction of TRAIN_STEPS '
+                     f'trained dense before upcycling; the paper uses 0.05), got {fraction!r}.')
+  if fraction == 0:
+    return 0
+  steps = max(1, round(fraction * train_steps))
+  if steps >= train_steps:
+    raise ValueError(f'LORY_DENSE_WARMUP_FRACTION={fraction} of TRAIN_STEPS={train_steps} is {steps} dense '
+                     f'steps, which leaves no step for the Lory model; lower the fraction or raise '
+                     f'TRAIN_STEPS.')
+  return steps
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,13 +285,13 @@ class LoryMoeLayer(nn.Module):
     pad = num_segments * t - length
     x = jnp.pad(inputs, ((0, 0), (0, pad), (0, 0)))
     real = jnp.pad(real, ((0, 0), (0, pad)))
+    probs = route(segment_means(x, real, t))  # [B, N, E]
+    weights = causal_segment_weights(probs, self.first_segment)  # [B, N, E]
     if use_prompt:
-      # Every position routes on the prompt's mean: one merged FFN per sequence.
-      weights = self._prompt_weights(inputs, prompt_mask.astype(jnp.float32) * real[:, :length], route)
-      weights = jnp.broadcast_to(weights[:, None], (batch, num_segments, self.num_experts))
-    else:
-      probs = route(segment_means(x, real, t))  # [B, N, E]
-      weights = causal_segment_weights(probs, self.first_segment)  # [B, N, E]
+      # Every position of a row with a prompt routes on the prompt's mean: one merged FFN per sequence.
+      prompt = prompt_mask.astype(jnp.float32) * real[:, :length]
+      has_prompt = prompt.sum(-1) > 0  # [B]
+      weights = jnp.where(has_prompt[:, None, None], route(_masked_mean(inputs, prompt))[:, None], weights)
     self.sow('intermediates', 'lory_router_confidence', jnp.mean(jnp.max(weights, axis=-1)))
     # The paper's utilisation: an expert counts as used when its weight exceeds 2/E somewhere.
     self.sow('intermediates', 'lory_expert_utilization',
@@ -279,13 +313,6 @@ class LoryMoeLayer(nn.Module):
       hidden = h if hidden is None else hidden * h
     hidden = nn.Dropout(self.expert_dropout_rate)(hidden, deterministic=not enable_dropout)
     return jnp.einsum('bntf,bnfh->bnth', hidden, merged['wo'])
-
-  def _prompt_weights(self, inputs: Array, prompt: Array, route) -> Array:
-    """softmax(R · mean of the prompt tokens) <float32>[B, E]; uniform for a row without prompt."""
-    count = prompt.sum(-1)  # [B]
-    mean = jnp.einsum('blh,bl->bh', inputs.astype(jnp.float32), prompt) / jnp.maximum(count, 1.0)[:, None]
-    uniform = jnp.full((inputs.shape[0], self.num_experts), 1.0 / self.num_experts, jnp.float32)
-    return jnp.where((count > 0)[:, None], route(mean), uniform)
 
   def _cache_variables(self, batch: int, hidden: int):
     zeros = lambda *shape: (lambda: jnp.zeros(shape, jnp.float32))
@@ -319,16 +346,15 @@ class LoryMoeLayer(nn.Module):
     seg_weights.value = jnp.where(done, route(new_sum / t), seg_weights.value)
     seg_sum.value = jnp.where(done, jnp.zeros_like(new_sum), new_sum)
     index.value = i + 1
-    if prompt_mask is not None:
+    if prompt_mask is not None:  # rows with prompt tokens so far route on them, the others by segments
       is_prompt = prompt_mask[:, 0].astype(jnp.float32)  # [B]
       prompt_sum.value = prompt_sum.value + is_prompt[:, None] * x
       prompt_count.value = prompt_count.value + is_prompt
       count = prompt_count.value
-      uniform = jnp.full((batch, self.num_experts), 1.0 / self.num_experts, jnp.float32)
       weights = jnp.where((count > 0)[:, None],
-                          route(prompt_sum.value / jnp.maximum(count, 1.0)[:, None]), uniform)
+                          route(prompt_sum.value / jnp.maximum(count, 1.0)[:, None]), weights)
     return weights
 
 
 __all__ = ['LoryMoeLayer', 'segment_means', 'causal_segment_weights', 'merge_experts',
-           'upcycle_dense_to_lory', 'FIRST_SEGMENT_MODES', 'INFERENCE_ROUTING_MODES']
+           'upcycle_dense_to_lory', 'dense_warmup_steps', 'FIRST_SEGMENT_MODES', 'INFERENCE_ROUTING_MODES']

@@ -15,6 +15,7 @@ the mesh, and turning bad input into a clear message (exit status 2) instead of 
 """
 
 import argparse
+import dataclasses
 import difflib
 import logging
 import os
@@ -26,6 +27,8 @@ import gin
 from st_moe_jax import checkpoint_manager as ckpt_lib
 from st_moe_jax import data as data_lib
 from st_moe_jax import gin_setup
+from st_moe_jax import lory as lory_lib
+from st_moe_jax import models
 from st_moe_jax import optim
 from st_moe_jax import partitioning
 from st_moe_jax import trainer as trainer_lib
@@ -253,6 +256,131 @@ def write_model_info(model_dir: str, trainer: trainer_lib.Trainer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Lory's dense warm-up (seed_methods.md §3.3): train the dense model for the first W steps, then copy its
+# FFN into every expert, draw a random router, and train the Lory model from step W on.
+
+@dataclasses.dataclass(frozen=True)
+class DenseWarmup:
+  """The dense half of a Lory run.
+
+  Attributes:
+    dense_model: the Lory model with dense FFNs where its Lory layers are (same parameters otherwise).
+    steps: W (`lory.dense_warmup_steps`).
+    layer_indices: the decoder layers that are Lory layers.
+    num_experts: E.
+  """
+  dense_model: Any
+  steps: int
+  layer_indices: tuple[int, ...]
+  num_experts: int
+
+
+def lory_dense_warmup(model: Any, fraction: float, train_steps: int) -> Optional[DenseWarmup]:
+  """The warm-up plan for LORY_DENSE_WARMUP_FRACTION, or None for fraction 0.
+
+  Raises:
+    UserError: a fraction outside [0, 1) or one that leaves no Lory step, a model without Lory layers,
+      or Lory experts that a dense FFN cannot fill (other width or activations, or ST-MoE's extra FFN).
+  """
+  try:
+    steps = lory_lib.dense_warmup_steps(fraction, train_steps)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  if not steps:
+    return None
+  field = {models.DecoderOnly: 'moe', models.EncoderDecoder: 'decoder_moe'}.get(type(model))
+  moe = getattr(model, field) if field else None
+  if moe is None or moe.moe_type != 'lory' or not moe.num_sparse_layers:
+    raise UserError(f'LORY_DENSE_WARMUP_FRACTION={fraction} warms up a Lory model, but this model has no Lory '
+                    f'layers; include gin/routers/lory.gin (after the model file and gin/runs/decoder_only.gin), '
+                    f'or drop gin/runs/lory_warmup.gin.')
+  cfg = model.config
+  if (moe.expert_mlp_dim not in (None, cfg.mlp_dim) or moe.expert_activations not in (None, cfg.activations)
+      or moe.extra_mlp):
+    raise UserError(f'The dense warm-up copies the dense FFN into every Lory expert, so the experts must be '
+                    f'that FFN: set EXPERT_MLP_DIM = MLP_DIM (got {moe.expert_mlp_dim} vs {cfg.mlp_dim}), the '
+                    f'same activations, and EXTRA_MLP = False (got {moe.extra_mlp}).')
+  layers = models.sparse_layer_indices(cfg.num_decoder_layers, moe.num_sparse_layers, moe.sparse_layout)
+  return DenseWarmup(model.clone(**{field: None}), steps, layers, moe.num_experts)
+
+
+def upcycle_train_state(dense_params: Any, trainer: trainer_lib.Trainer, warmup: DenseWarmup, step: int,
+                        seed: int) -> trainer_lib.TrainState:
+  """The Lory model's state at the switch from the dense model's parameters at `step`.
+
+  Parameters: `lory.upcycle_dense_to_lory` (every expert a copy of the dense FFN, routers from
+  Normal(0, 0.02) drawn from RANDOM_SEED and the step, so a resumed run draws the same ones).
+  Optimizer state: fresh, except that the learning-rate schedule goes on from `step`. Adafactor's
+  statistics do not carry over: the expert kernels have other shapes (per-expert factored statistics), and
+  an expert's gradient is its merge weight (≈ 1/E) times the merged FFN's, so the dense statistics would
+  mis-scale it; a fresh state restarts Adafactor's β₂ schedule (v = g² on the first Lory step), as t5x's
+  step_offset does when fine-tuning.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  rng = jax.random.fold_in(jax.random.key(seed), step)
+  upcycle = lambda params: lory_lib.upcycle_dense_to_lory(
+      params, num_experts=warmup.num_experts, layer_indices=warmup.layer_indices, rng=rng)
+  with partitioning.activate(trainer.mesh, trainer.rules):
+    params = jax.jit(upcycle, out_shardings=trainer.param_shardings)(dense_params)
+  opt_state = continue_schedule(trainer.init_opt_state(params), step)
+  return trainer.create_state(params, opt_state, step)
+
+
+def continue_schedule(opt_state: Any, step: int) -> Any:
+  """opt_state with every learning-rate schedule's count (optax.ScaleByScheduleState) set to `step`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  def at_step(node):
+    if isinstance(node, optax.ScaleByScheduleState):
+      count = jax.device_put(jnp.asarray(step, node.count.dtype), node.count.sharding)
+      return node._replace(count=count)
+    return node
+  return jax.tree.map(at_step, opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+
+
+def _holds_lory_model(checkpoint_dir: str, warmup: DenseWarmup) -> bool:
+  """Whether a checkpoint's parameters are the Lory model's (a router in a Lory layer) or the dense one's."""
+  saved = ckpt_lib._flat(ckpt_lib.saved_param_shapes(os.path.join(checkpoint_dir, 'params')))  # pylint: disable=protected-access
+  prefixes = tuple(f'decoder/layers_{i}/mlp/router/' for i in warmup.layer_indices)
+  return any(path.startswith(prefixes) for path in saved)
+
+
+def fit_with_dense_warmup(dense_trainer: trainer_lib.Trainer, lory_trainer: trainer_lib.Trainer,
+                          warmup: DenseWarmup, model_dir: str, train_data: data_lib.DataIterator,
+                          loop: trainer_lib.LoopConfig, *, seed: int = 0,
+                          print_fn: Optional[Callable[[str], None]] = None, **fit_kwargs
+                          ) -> trainer_lib.TrainState:
+  """trainer.fit in two parts: the dense model to step W, then the upcycled Lory model to TRAIN_STEPS.
+
+  Resuming goes by what MODEL_DIR's latest checkpoint holds: the Lory model resumes the Lory part; the
+  dense model (or none) resumes the dense part, and the switch happens at max(W, its step). The dense part
+  ends with a dense checkpoint_W; the switch itself saves nothing, so a run stopped right after it redoes
+  it identically. fit_kwargs (eval_data, eval_name) go to both parts.
+  """
+  print_fn = print_fn or (lambda line: print(line, flush=True))
+  try:
+    latest = ckpt_lib.resolve_checkpoint_dir(model_dir)
+  except FileNotFoundError:
+    latest = None
+  if latest is not None and _holds_lory_model(latest, warmup):
+    return trainer_lib.fit(lory_trainer, model_dir, train_data, loop, print_fn=print_fn, **fit_kwargs)
+  dense_steps = max(warmup.steps, ckpt_lib.checkpoint_step(latest) if latest else 0)
+  print_fn(f'Lory dense warm-up: the dense model trains to step {dense_steps}, then its FFN is copied into '
+           f'the {warmup.num_experts} experts of decoder layers {list(warmup.layer_indices)}.')
+  dense = trainer_lib.fit(dense_trainer, model_dir, train_data,
+                          dataclasses.replace(loop, train_steps=dense_steps), print_fn=print_fn, **fit_kwargs)
+  step, dense_params = int(dense.step), [dense.params]
+  del dense  # the dense optimizer state, and (after the switch, `pop`) the dense parameters, are freed
+  print_fn(f'Lory dense warm-up: switched to the Lory model at step {step} (fresh optimizer state, '
+           f'learning-rate schedule continued).')
+  start = lambda trainer: upcycle_train_state(dense_params.pop(), trainer, warmup, step, seed)
+  return trainer_lib.fit(lory_trainer, model_dir, train_data, loop, start_state=start, print_fn=print_fn,
+                         **fit_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The training run.
 
 def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
@@ -266,9 +394,24 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
           log_period: int = 100, eval_period: int = 1000, eval_steps: Optional[int] = 20,
           checkpoint_period: int = 1000, keep_checkpoints: Optional[int] = None,
           async_checkpointing: bool = True, random_seed: Optional[int] = 0,
-          freeze_patterns: Sequence[str] = ()) -> trainer_lib.TrainState:
-  """Trains `model` on train_dataset_cfg to TRAIN_STEPS (or checkpoint step + TRAIN_STEPS_RELATIVE)."""
+          freeze_patterns: Sequence[str] = (),
+          lory_dense_warmup_fraction: float = 0.0) -> trainer_lib.TrainState:
+  """Trains `model` on train_dataset_cfg to TRAIN_STEPS (or checkpoint step + TRAIN_STEPS_RELATIVE).
+
+  lory_dense_warmup_fraction: LORY_DENSE_WARMUP_FRACTION (gin/runs/lory_warmup.gin): a Lory model's first
+    round(fraction · TRAIN_STEPS) steps train its dense counterpart, which is then upcycled
+    (`fit_with_dense_warmup`); 0 trains the Lory model from the start.
+  """
   model_dir = required(model_dir, 'MODEL_DIR', '"\'runs/my_run\'"')
+  if train_steps_relative is not None:
+    start = 0
+    if initial_checkpoint_path:
+      start = ckpt_lib.checkpoint_step(ckpt_lib.resolve_checkpoint_dir(initial_checkpoint_path))
+    train_steps = start + train_steps_relative
+  warmup = lory_dense_warmup(model, lory_dense_warmup_fraction, train_steps)
+  if warmup is not None and initial_checkpoint_path:
+    raise UserError('The Lory dense warm-up trains the dense model from scratch; it does not combine with '
+                    'INITIAL_CHECKPOINT_PATH. Set LORY_DENSE_WARMUP_FRACTION = 0 to fine-tune.')
   os.makedirs(model_dir, exist_ok=True)
   mesh = create_mesh(num_expert_partitions, num_model_partitions, model)
   check_batch(train_dataset_cfg.batch_size, mesh)
@@ -282,11 +425,6 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
     eval_ds = data_lib.get_dataset(train_eval_dataset_cfg, kind, num_processes=jax.process_count(),
                                    shard=shard)
     eval_data = lambda: data_lib.DataIterator(eval_ds)
-  if train_steps_relative is not None:
-    start = 0
-    if initial_checkpoint_path:
-      start = ckpt_lib.checkpoint_step(ckpt_lib.resolve_checkpoint_dir(initial_checkpoint_path))
-    train_steps = start + train_steps_relative
   loss_config = trainer_lib.LossConfig(z_loss, label_smoothing, aux_loss_factor, router_z_loss_factor,
                                        loss_normalizing_factor)
   trainer = trainer_lib.Trainer(model, optimizer, learning_rate, mesh, loss_config=loss_config,
@@ -294,9 +432,16 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
   write_config(model_dir, gin.config_str())  # every binding; replaced by the operative config at the end
   loop = trainer_lib.LoopConfig(train_steps, train_dataset_cfg.batch_size, log_period, eval_period,
                                 eval_steps, checkpoint_period, keep_checkpoints, async_checkpointing)
-  state = trainer_lib.fit(trainer, model_dir, train_data, loop, eval_data=eval_data,
-                          eval_name=(train_eval_dataset_cfg or train_dataset_cfg).mixture_or_task_name,
-                          initial_checkpoint_path=initial_checkpoint_path)
+  eval_name = (train_eval_dataset_cfg or train_dataset_cfg).mixture_or_task_name
+  if warmup is None:
+    state = trainer_lib.fit(trainer, model_dir, train_data, loop, eval_data=eval_data, eval_name=eval_name,
+                            initial_checkpoint_path=initial_checkpoint_path)
+  else:
+    dense_trainer = trainer_lib.Trainer(warmup.dense_model, optimizer, learning_rate, mesh,
+                                        loss_config=loss_config, seed=random_seed or 0,
+                                        freeze_patterns=freeze_patterns)
+    state = fit_with_dense_warmup(dense_trainer, trainer, warmup, model_dir, train_data, loop,
+                                  seed=random_seed or 0, eval_data=eval_data, eval_name=eval_name)
   write_model_info(model_dir, trainer)
   return state
 

@@ -323,8 +323,9 @@ class LoopConfig:
 
 def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loop: LoopConfig, *,
         eval_data: Optional[Callable[[], Iterator[Batch]]] = None, eval_name: str = 'validation',
-        initial_checkpoint_path: Optional[str] = None, print_fn: Callable[[str], None] = None
-        ) -> TrainState:
+        initial_checkpoint_path: Optional[str] = None,
+        start_state: Optional[Callable[[Trainer], TrainState]] = None,
+        print_fn: Callable[[str], None] = None) -> TrainState:
   """Trains to loop.train_steps, resuming from MODEL_DIR's latest checkpoint if there is one.
 
   Args:
@@ -334,6 +335,9 @@ def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loo
     eval_data: makes a fresh validation iterator (teacher-forced eval every loop.eval_period steps).
     eval_name: TensorBoard folder MODEL_DIR/training_eval/<eval_name> (the task name).
     initial_checkpoint_path: INITIAL_CHECKPOINT_PATH for fine-tuning when MODEL_DIR has no checkpoint.
+    start_state: makes the state to start from once the trainer is set up, instead of resuming from
+      MODEL_DIR's latest checkpoint (which is another model's: Lory's dense warm-up switches this way,
+      `train.fit_with_dense_warmup`). train_data is used where it stands.
 
   Raises:
     TrainingDivergedError: NaN / inf loss. Nothing from the diverged steps is saved.
@@ -342,9 +346,12 @@ def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loo
   manager = ckpt_lib.CheckpointManager(model_dir, loop.checkpoint_period, loop.keep, loop.async_checkpointing)
   first = next(train_data)
   trainer.prepare(first)
-  state = _initial_state(trainer, manager, train_data, initial_checkpoint_path, print_fn)
-  if manager.latest_step() is None or int(state.step) != manager.latest_step():
-    pending = [first]  # a fresh run trains on the batch used for shapes
+  if start_state is not None:
+    state = start_state(trainer)
+  else:
+    state = _initial_state(trainer, manager, train_data, initial_checkpoint_path, print_fn)
+  if start_state is not None or manager.latest_step() is None or int(state.step) != manager.latest_step():
+    pending = [first]  # a fresh start (or a given one) trains on the batch used for shapes
   else:
     pending = []  # resumed: the restored iterator is positioned at the next batch
     if int(state.step) >= loop.train_steps:

@@ -128,9 +128,19 @@ def test_moe_decode_step_never_drops_tokens():
     assert float(metrics['fraction_tokens_left_behind']) == 0.0
 
 
+def test_prompt_positions_are_the_prefix_lm_inputs():
+  """BOS and the leading forced tokens, as seqio's PrefixLM marks decoder_causal_attention; a forced token
+  after a free position is not prompt, and a row without leading forced tokens has no prompt."""
+  prompt = np.array([[5, 6, 0, 7, 0], [0, 4, 0, 0, 0], [3, 4, 5, 6, 7], [9, 0, 0, 0, 0]], np.int32)
+  np.testing.assert_array_equal(decoding.prompt_positions(prompt),
+                                [[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+
+
 def test_bad_arguments(encdec):
   model, params, _ = encdec
   with pytest.raises(ValueError, match='Unknown decoding method'):
     decoding.generate(model, params, max_decode_length=LENGTH, encoder_input_tokens=ENC, method='nucleus')
   with pytest.raises(ValueError, match='needs encoder_input_tokens'):
     decoding.generate(model, params, max_decode_length=LENGTH)
+  with pytest.raises(ValueError, match='DecoderOnly needs a prompt'):
+    decoding.generate(models.DecoderOnly(CONFIG, MOE), params, max_decode_length=LENGTH)
