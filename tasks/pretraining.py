@@ -8,6 +8,11 @@ Three sources, each registered under both objectives:
               `register_text_dir_tasks(name, directory)` registers further directories under own names.
 Names without a suffix use `seqio.ByteVocabulary`; the `_t5vocab` twins use the T5 SentencePiece model.
 
+Lory's similarity batching (tasks/lory_batching.py): `stdlib_lm_similarity` and `text_dir_lm_similarity`
+(+ `_t5vocab` twins) are the LM tasks with the split's documents (files, each with its segments in order)
+put in similarity order first, so each packed sequence holds similar documents. Not registered for C4: the
+step holds the whole split in memory.
+
 Text files are cut into line-aligned segments of about `segment_chars` characters inside tf.data (pure TF
 ops, so the iterator stays checkpointable); nothing is read before a dataset is iterated.
 """
@@ -25,10 +30,15 @@ import seqio
 import tensorflow as tf
 
 from tasks import common
+from tasks import lory_batching
 
 SPLITS = ('train', 'validation')
 VALIDATION_FRACTION = 0.05
 SEGMENT_CHARS = 4096
+# Name part of the LM tasks with Lory's similarity batching: stdlib_lm_similarity, ...
+SIMILARITY_SUFFIX = '_similarity'
+# Feature naming a segment's file, so that similarity batching orders whole files (documents), not segments.
+DOCUMENT_KEY = 'path'
 # Token chunk length when a task is asked for a dataset without sequence lengths.
 DEFAULT_LENGTH = 512
 NOISE_DENSITY = 0.15
@@ -87,8 +97,13 @@ class TextFilesSource(seqio.DataSource):
 
   def __init__(self, root: Union[str, Callable[[], str]], *, patterns: Sequence[str] = ('*',),
                exclude_dirs: Sequence[str] = (), validation_fraction: float = VALIDATION_FRACTION,
-               segment_chars: int = SEGMENT_CHARS, max_files: Optional[int] = None):
-    """max_files caps the files per split (first in sorted order): small, fast runs and tests."""
+               segment_chars: int = SEGMENT_CHARS, max_files: Optional[int] = None,
+               path_key: Optional[str] = None):
+    """max_files caps the files per split (first in sorted order): small, fast runs and tests.
+
+    path_key: also give each segment its file's relative path under this feature, so a later step can
+    treat a file as one document (similarity batching does). None: only 'text'.
+    """
     super().__init__(splits=SPLITS)
     self._root = root
     self._patterns = tuple(patterns)
@@ -96,6 +111,7 @@ class TextFilesSource(seqio.DataSource):
     self._validation_fraction = validation_fraction
     self._segment_chars = segment_chars
     self._max_files = max_files
+    self._path_key = path_key
     self._files_cache = {}
 
   @property
@@ -139,12 +155,32 @@ class TextFilesSource(seqio.DataSource):
     files = list(self.list_shards(split))
     if shard_info:
       files = files[shard_info.index::shard_info.num_shards]
+    segment = functools.partial(file_segments, segment_chars=self._segment_chars)
+    if self._path_key is not None:
+      return self._segments_with_paths(split, files, shuffle, seed, shard_info, segment)
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string))
     if shuffle:
       ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    segment = functools.partial(file_segments, segment_chars=self._segment_chars)
     ds = ds.map(segment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.unbatch().map(lambda text: {'text': text})
+
+  def _segments_with_paths(self, split, files, shuffle, seed, shard_info, segment) -> tf.data.Dataset:
+    """As get_dataset, with each segment's relative file path under `path_key` (a file's segments stay
+    together and in order)."""
+    relative = list(self.relative_files(split))
+    if shard_info:
+      relative = relative[shard_info.index::shard_info.num_shards]
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(files, tf.string),
+                                             tf.constant(relative, tf.string)))
+    if shuffle:
+      ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+
+    def with_path(path, relative_path):
+      texts = segment(path)
+      return {'text': texts, self._path_key: tf.fill(tf.shape(texts), relative_path)}
+
+    ds = ds.map(with_path, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.unbatch()
 
 
 def file_segments(path: tf.Tensor, segment_chars: int = SEGMENT_CHARS) -> tf.Tensor:
@@ -310,6 +346,28 @@ def lm_preprocessors() -> list:
   ]
 
 
+@gin.configurable
+def similarity_k(k: int = lory_batching.DEFAULT_K) -> int:
+  """Neighbours per document in the kNN graph of the *_lm_similarity tasks (gin `similarity_k.k`).
+
+  Read when a dataset is built, so a gin binding applies to the tasks registered at import.
+  """
+  return k
+
+
+def lm_similarity_preprocessors(k: Union[int, Callable[[], int]] = similarity_k,
+                                group_key: Optional[str] = None) -> list:
+  """`lm_preprocessors` preceded by Lory's similarity ordering of the split's documents.
+
+  The documents (with group_key: all segments of a file, in file order; without: each source example)
+  are ordered on their raw text, then tokenized, EOS-terminated per segment as in `*_lm`, and concatenated
+  in that order by `lm_chunks`. seqio's task shuffle, when on, shuffles the resulting sequences, never the
+  documents inside one.
+  """
+  return [functools.partial(lory_batching.order_by_similarity, k=k, group_key=group_key),
+          *lm_preprocessors()]
+
+
 # ------------------------------------------------------------------------------------------------------
 # Unigram baseline
 
@@ -377,24 +435,56 @@ def register_pretraining_tasks(prefix: str, source: seqio.DataSource,
   return names
 
 
+def register_similarity_lm_task(prefix: str, source: seqio.DataSource,
+                                vocabulary: Optional[seqio.Vocabulary] = None, suffix: str = '',
+                                k: Optional[int] = None, group_key: Optional[str] = None) -> str:
+  """Registers `{prefix}_lm_similarity{suffix}`: `{prefix}_lm{suffix}` with similarity batching (replacing
+  an earlier registration of that name). Returns the name.
+
+  k: neighbours per document in the similarity graph; None reads gin `similarity_k.k` (default 10) when a
+    dataset is built.
+  group_key: the source feature that names an example's document (a TextFilesSource's `path_key`: files
+    are the documents); None: every example is a document.
+  """
+  vocabulary = vocabulary or common.default_vocabulary()
+  name = f'{prefix}_lm{SIMILARITY_SUFFIX}{suffix}'
+  preprocessors = lm_similarity_preprocessors(similarity_k if k is None else lory_batching.check_k(k),
+                                              group_key)
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
+                         output_features=common.output_features(vocabulary, inputs=False), metric_fns=[])
+  return name
+
+
 def register_text_dir_tasks(name: str, directory: Union[str, Callable[[], str]],
                             patterns: Sequence[str] = ('*',),
                             vocabulary: Optional[seqio.Vocabulary] = None,
                             validation_fraction: float = VALIDATION_FRACTION,
-                            max_files: Optional[int] = None) -> list[str]:
+                            max_files: Optional[int] = None, similarity: bool = False) -> list[str]:
   """Registers `{name}_span_corruption` and `{name}_lm` over the files in `directory` whose names match
-  `patterns` (e.g. ('*.txt', '*.md')). Returns the task names."""
-  source = TextFilesSource(directory, patterns=patterns, validation_fraction=validation_fraction,
-                           max_files=max_files)
-  return register_pretraining_tasks(name, source, vocabulary)
+  `patterns` (e.g. ('*.txt', '*.md')), and with `similarity` also `{name}_lm_similarity` (files in
+  similarity order, see `register_similarity_lm_task`). Returns the task names."""
+  kwargs = dict(patterns=patterns, validation_fraction=validation_fraction, max_files=max_files)
+  names = register_pretraining_tasks(name, TextFilesSource(directory, **kwargs), vocabulary)
+  if similarity:
+    source = TextFilesSource(directory, path_key=DOCUMENT_KEY, **kwargs)
+    names.append(register_similarity_lm_task(name, source, vocabulary, group_key=DOCUMENT_KEY))
+  return names
 
 
 STDLIB_SOURCE = TextFilesSource(stdlib_dir, patterns=('*.py',), exclude_dirs=STDLIB_EXCLUDE_DIRS)
 C4_SOURCE = common.GuardedTfdsSource(C4_TFDS_NAME, splits=SPLITS, how_to_get=C4_HOW_TO_GET)
 TEXT_DIR_SOURCE = TextFilesSource(text_dir)
+# The same files for similarity batching, where a document is a file: each segment carries its file's path.
+STDLIB_FILES_SOURCE = TextFilesSource(stdlib_dir, patterns=('*.py',), exclude_dirs=STDLIB_EXCLUDE_DIRS,
+                                      path_key=DOCUMENT_KEY)
+TEXT_DIR_FILES_SOURCE = TextFilesSource(text_dir, path_key=DOCUMENT_KEY)
 
 for _suffix, _vocabulary in (('', common.default_vocabulary()),
                              (common.T5_VOCAB_SUFFIX, common.sentencepiece_vocabulary())):
   register_pretraining_tasks('stdlib', STDLIB_SOURCE, _vocabulary, _suffix)
   register_pretraining_tasks('c4', C4_SOURCE, _vocabulary, _suffix)
   register_pretraining_tasks('text_dir', TEXT_DIR_SOURCE, _vocabulary, _suffix)
+  for _prefix, _source in (('stdlib', STDLIB_FILES_SOURCE), ('text_dir', TEXT_DIR_FILES_SOURCE)):
+    register_similarity_lm_task(_prefix, _source, _vocabulary, _suffix, group_key=DOCUMENT_KEY)
