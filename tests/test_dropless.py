@@ -224,5 +224,7 @@ def test_future_tokens_never_change_past_outputs(variables, inputs, routing_meth
   for p in (1, 4, L - 1):
     changed = inputs.at[:, p:].set(jax.random.normal(jax.random.PRNGKey(p), (B, L - p, H)) * 3.0)
     y_changed, _ = _apply(layer, variables['params'], changed)
-    np.testing.assert_array_equal(y_changed[:, :p], y[:, :p])
+    # Dropless chunk boundaries follow the group sizes, which future tokens change, so a past row may be
+    # summed in another order (float32 rounding, ~1e-7); a leak of information would be orders larger.
+    np.testing.assert_allclose(y_changed[:, :p], y[:, :p], rtol=0, atol=1e-6)
     assert not np.allclose(y_changed[:, p:], y[:, p:])
