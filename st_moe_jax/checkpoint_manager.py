@@ -73,7 +73,8 @@ class DatasetArgs(ocp.args.CheckpointArgs):
 # ---------------------------------------------------------------------------------------------------------
 # Shape checks.
 
-def _flat(tree: PyTree) -> dict[str, Any]:
+def flat_paths(tree: PyTree) -> dict[str, Any]:
+  """{'decoder/layers_0/mlp/wo/kernel': leaf, ...}: a tree's leaves by '/'-joined path."""
   return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path): leaf
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -83,7 +84,7 @@ def shape_differences(saved: PyTree, expected: PyTree) -> tuple[list[str], list[
 
   mismatched entries read 'path: checkpoint (a, b) vs model (c, d)'.
   """
-  saved, expected = _flat(saved), _flat(expected)
+  saved, expected = flat_paths(saved), flat_paths(expected)
   mismatched = [f'{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}'
                 for k, v in expected.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
   missing = [k for k in expected if k not in saved]
@@ -253,7 +254,7 @@ def restore_params(path: str, abstract_params: PyTree, *, partial: bool = False
 def _subtree(tree: PyTree, keep) -> dict:
   """The nested-dict subtree of `tree` whose '/'-paths satisfy keep(path)."""
   out: dict = {}
-  for path, leaf in _flat(tree).items():
+  for path, leaf in flat_paths(tree).items():
     if keep(path):
       node = out
       *parents, name = path.split('/')
@@ -265,7 +266,7 @@ def _subtree(tree: PyTree, keep) -> dict:
 
 def merge_params(initialised: PyTree, restored: dict) -> PyTree:
   """`initialised` with every leaf present in `restored` (same '/'-path) replaced by the restored one."""
-  flat = _flat(restored)
+  flat = flat_paths(restored)
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: flat.get('/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path), leaf),
       initialised)

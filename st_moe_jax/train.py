@@ -109,13 +109,13 @@ def _referenced_macros() -> set[str]:
       for v in value:
         visit(v)
 
-  for bindings in gin.config._CONFIG.values():  # pylint: disable=protected-access
+  for bindings in gin.config._CONFIG.values():
     visit(bindings)
   return found
 
 
 def _defined_macros() -> set[str]:
-  return {scope for (scope, selector) in gin.config._CONFIG if selector == 'gin.macro'}  # pylint: disable=protected-access
+  return {scope for (scope, selector) in gin.config._CONFIG if selector == 'gin.macro'}
 
 
 def check_macro_names(bindings: Sequence[str]) -> None:
@@ -243,8 +243,8 @@ def write_model_info(model_dir: str, trainer: trainer_lib.Trainer) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
-  shapes = ckpt_lib._flat(trainer.abstract_params)  # pylint: disable=protected-access
-  axes = ckpt_lib._flat(trainer.logical_axes)  # pylint: disable=protected-access
+  shapes = ckpt_lib.flat_paths(trainer.abstract_params)
+  axes = ckpt_lib.flat_paths(trainer.logical_axes)
   with open(os.path.join(model_dir, 'model-info.txt'), 'w') as f:
     f.write(f'mesh {dict(trainer.mesh.shape)}\n')
     total = 0
@@ -342,7 +342,7 @@ def continue_schedule(opt_state: Any, step: int) -> Any:
 
 def _holds_lory_model(checkpoint_dir: str, warmup: DenseWarmup) -> bool:
   """Whether a checkpoint's parameters are the Lory model's (a router in a Lory layer) or the dense one's."""
-  saved = ckpt_lib._flat(ckpt_lib.saved_param_shapes(os.path.join(checkpoint_dir, 'params')))  # pylint: disable=protected-access
+  saved = ckpt_lib.flat_paths(ckpt_lib.saved_param_shapes(os.path.join(checkpoint_dir, 'params')))
   prefixes = tuple(f'decoder/layers_{i}/mlp/router/' for i in warmup.layer_indices)
   return any(path.startswith(prefixes) for path in saved)
 

@@ -23,56 +23,42 @@ def pretrain_args(model_dir, *extra):
           *extra]
 
 
-def error_of(main, argv, capsys) -> str:
-  cwd = os.getcwd()
-  os.chdir(REPO)
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      main(argv)
-  finally:
-    os.chdir(cwd)
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err
-  assert err.startswith('ERROR: ') and 'Traceback' not in err, err
-  return err
-
-
 def test_rewrite_gin_args():
   assert train_lib.rewrite_gin_args(['--gin.MODEL_DIR="x"', '--gin_file=a.gin']) == [
       '--gin_bindings=MODEL_DIR = "x"', '--gin_file=a.gin']
 
 
-def test_unknown_task(tmp_path, capsys):
-  err = error_of(train_lib.main, pretrain_args(tmp_path, '--gin.MIXTURE_OR_TASK_NAME="stdlib_lmm"'), capsys)
+def test_unknown_task(tmp_path, cli_error):
+  err = cli_error(pretrain_args(tmp_path, '--gin.MIXTURE_OR_TASK_NAME="stdlib_lmm"'))
   assert "Unknown task or mixture 'stdlib_lmm'" in err and 'stdlib_lm' in err
 
 
-def test_missing_model_dir(capsys):
+def test_missing_model_dir(cli_error):
   argv = [a for a in pretrain_args('x') if not a.startswith('--gin.MODEL_DIR')]
-  err = error_of(train_lib.main, argv, capsys)
+  err = cli_error(argv)
   assert 'MODEL_DIR' in err
 
 
-def test_misspelt_macro(tmp_path, capsys):
-  err = error_of(train_lib.main, pretrain_args(tmp_path, '--gin.TRAIN_STEP=3'), capsys)
+def test_misspelt_macro(tmp_path, cli_error):
+  err = cli_error(pretrain_args(tmp_path, '--gin.TRAIN_STEP=3'))
   assert "Unknown gin macro 'TRAIN_STEP'" in err and 'TRAIN_STEPS' in err
 
 
-def test_misspelt_parameter_shows_gin_message_and_file(tmp_path, capsys):
+def test_misspelt_parameter_shows_gin_message_and_file(tmp_path, cli_error):
   bad = tmp_path / 'bad.gin'
   bad.write_text('train_script.train.eval_perod = 10\n')
-  err = error_of(train_lib.main, pretrain_args(tmp_path, f'--gin_file={bad}'), capsys)
+  err = cli_error(pretrain_args(tmp_path, f'--gin_file={bad}'))
   assert 'eval_perod' in err and 'bad.gin' in err
 
 
-def test_batch_not_divisible_by_mesh(tmp_path, capsys):
+def test_batch_not_divisible_by_mesh(tmp_path, cli_error):
   # 8 simulated devices, NUM_EXPERT_PARTITIONS = NUM_EXPERTS = 4: mesh (data 2, expert 4, model 1).
-  err = error_of(train_lib.main, pretrain_args(tmp_path, '--gin.BATCH_SIZE=12'), capsys)
+  err = cli_error(pretrain_args(tmp_path, '--gin.BATCH_SIZE=12'))
   assert 'BATCH_SIZE=12 is not divisible' in err and 'NUM_EXPERT_PARTITIONS' in err
 
 
-def test_experts_not_divisible_by_partitions(tmp_path, capsys):
-  err = error_of(train_lib.main, pretrain_args(tmp_path, '--gin.NUM_EXPERT_PARTITIONS=3'), capsys)
+def test_experts_not_divisible_by_partitions(tmp_path, cli_error):
+  err = cli_error(pretrain_args(tmp_path, '--gin.NUM_EXPERT_PARTITIONS=3'))
   assert 'NUM_EXPERTS=4 is not divisible by NUM_EXPERT_PARTITIONS=3' in err
 
 

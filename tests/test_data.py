@@ -39,19 +39,10 @@ def test_encoder_decoder_batches(pack):
   assert ('encoder_segment_ids' in batch) == pack and ('decoder_positions' in batch) == pack
 
 
-def test_iterator_restore_gives_identical_next_batches(tmp_path):
+def test_iterator_restore_gives_identical_next_batches(check_iterator_resumes):
   cfg = data.DatasetConfig('stdlib_lm', {'targets': 16}, batch_size=2, seed=3)
-  it = data.DataIterator(data.get_dataset(cfg, data.DECODER_ONLY, report_trimming=False))
-  for _ in range(3):
-    next(it)
-  it.save(str(tmp_path / 'ds' / 'train_ds'))
-  expected = [next(it) for _ in range(2)]
-  fresh = data.DataIterator(data.get_dataset(cfg, data.DECODER_ONLY, report_trimming=False))
-  fresh.restore(str(tmp_path / 'ds' / 'train_ds'))
-  for want in expected:
-    got = next(fresh)
-    for k in want:
-      np.testing.assert_array_equal(got[k], want[k])
+  check_iterator_resumes(
+      lambda: data.DataIterator(data.get_dataset(cfg, data.DECODER_ONLY, report_trimming=False)))
 
 
 def test_trimming_is_reported_once(caplog):

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from st_moe_jax import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, 'tests', 'data', 'superglue')
@@ -109,26 +108,12 @@ def test_infer_writes_submission_files(runs):
     assert len(open(predictions).read().splitlines()) == len(test_rows)
 
 
-def _error(argv, capsys) -> str:
-  cwd = os.getcwd()
-  os.chdir(REPO)
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      train_lib.main(argv)
-  finally:
-    os.chdir(cwd)
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err
-  assert err.startswith('ERROR: ') and 'Traceback' not in err, err
-  return err
-
-
 @pytest.mark.parametrize('layout', ['empty', 'absent'])
-def test_missing_superglue_data_says_how_to_get_it(tmp_path, monkeypatch, capsys, layout):
+def test_missing_superglue_data_says_how_to_get_it(tmp_path, monkeypatch, cli_error, layout):
   root = tmp_path / 'superglue'
   if layout == 'empty':
     root.mkdir()
   monkeypatch.setenv('SUPERGLUE_DIR', str(root))
-  err = _error(['--gin_file=gin/runs/pretrain.gin', *MODEL, '--gin.MIXTURE_OR_TASK_NAME="super_glue_cb_v102"',
-                LENGTHS, f'--gin.MODEL_DIR="{tmp_path / "run"}"', '--gin.TRAIN_STEPS=1'], capsys)
+  err = cli_error(['--gin_file=gin/runs/pretrain.gin', *MODEL, '--gin.MIXTURE_OR_TASK_NAME="super_glue_cb_v102"',
+                   LENGTHS, f'--gin.MODEL_DIR="{tmp_path / "run"}"', '--gin.TRAIN_STEPS=1'])
   assert 'SUPERGLUE_DIR' in err and 'CB.zip' in err and "tfds.builder('super_glue/cb:1.0.2')" in err

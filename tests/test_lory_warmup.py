@@ -53,7 +53,7 @@ def params_at(model_dir, step):
 
 def flat(tree):
   from st_moe_jax import checkpoint_manager
-  return checkpoint_manager._flat(tree)  # pylint: disable=protected-access
+  return checkpoint_manager.flat_paths(tree)
 
 
 def losses_of(lines):
@@ -201,29 +201,14 @@ LORY_ARGS = ['--gin_file=gin/runs/pretrain.gin', '--gin_file=gin/models/st_moe_t
              '--gin.SEGMENT_LENGTH=8']
 
 
-def error_of(argv, capsys) -> str:
-  from st_moe_jax import train
-  cwd = os.getcwd()
-  os.chdir(REPO)
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      train.main(argv)
-  finally:
-    os.chdir(cwd)
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err
-  assert err.startswith('ERROR: ') and 'Traceback' not in err, err
-  return err
-
-
-def test_cli_config_errors(tmp_path, capsys):
+def test_cli_config_errors(tmp_path, cli_error):
   common = [f'--gin.MODEL_DIR="{tmp_path}/run"', '--gin.TRAIN_STEPS=10']
-  err = error_of([*LORY_ARGS, *common, '--gin.LORY_DENSE_WARMUP_FRACTION=1.0'], capsys)
+  err = cli_error([*LORY_ARGS, *common, '--gin.LORY_DENSE_WARMUP_FRACTION=1.0'])
   assert 'LORY_DENSE_WARMUP_FRACTION must be a number in [0, 1)' in err
   not_lory = [a for a in LORY_ARGS if 'routers/lory.gin' not in a and 'SEGMENT' not in a]
-  err = error_of([*not_lory, *common], capsys)
+  err = cli_error([*not_lory, *common])
   assert 'no Lory layers' in err
-  err = error_of([*LORY_ARGS, *common, '--gin.EXPERT_MLP_DIM=32'], capsys)
+  err = cli_error([*LORY_ARGS, *common, '--gin.EXPERT_MLP_DIM=32'])
   assert 'EXPERT_MLP_DIM = MLP_DIM' in err
   assert not os.path.exists(tmp_path / 'run')  # refused before anything was written
 

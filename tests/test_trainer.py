@@ -103,13 +103,13 @@ def test_finetune_restores_present_params_and_initialises_new_ones(tmp_path):
   pretrained = str(tmp_path / 'pretrained')
   loop = trainer.LoopConfig(2, BATCH, log_period=100, eval_period=1000, checkpoint_period=2)
   trainer.fit(make_trainer(), pretrained, make_data(), loop, print_fn=lambda _: None)
-  old = ckpt._flat(restored_params(pretrained, 2))
+  old = ckpt.flat_paths(restored_params(pretrained, 2))
 
   bigger = make_trainer(num_layers=4)  # two more decoder layers (layers_2, layers_3 are new)
   state = trainer.fit(bigger, str(tmp_path / 'finetuned'), make_data(),
                       trainer.LoopConfig(2, BATCH, log_period=100, eval_period=1000),
                       initial_checkpoint_path=pretrained, print_fn=lambda _: None)
-  new = ckpt._flat(jax.device_get(state.params))
+  new = ckpt.flat_paths(jax.device_get(state.params))
   shared = [k for k in new if k in old and old[k].shape == new[k].shape]
   assert 'decoder/layers_0/self_attention/query/kernel' in shared
   assert any(k.startswith('decoder/layers_3') for k in new if k not in old)
