@@ -210,6 +210,8 @@ def test_cli_config_errors(tmp_path, cli_error):
   assert 'no Lory layers' in err
   err = cli_error([*LORY_ARGS, *common, '--gin.EXPERT_MLP_DIM=32'])
   assert 'EXPERT_MLP_DIM = MLP_DIM' in err
+  err = cli_error([*LORY_ARGS, *common, f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path}/pretrained"'])
+  assert 'does not combine with INITIAL_CHECKPOINT_PATH' in err and 'LORY_DENSE_WARMUP_FRACTION = 0' in err
   assert not os.path.exists(tmp_path / 'run')  # refused before anything was written
 
 
