@@ -18,12 +18,12 @@ import seqio
 # The modules whose import registers this project's tasks and mixtures.
 TASK_MODULES = ('tasks.pretraining', 'tasks.superglue')
 
-# The public T5 vocabulary (32k pieces + 100 sentinels). ST_MOE_SPM_PATH overrides where it lives; the
-# default is the copy beside the project (`../shared/data/`). Nothing reads it until a task tokenizes.
-T5_SPM_PATH = os.environ.get(
-    'ST_MOE_SPM_PATH',
-    str(pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
-        / 't5_cc_all.32000.100extra.spm.model'))
+# The public T5 vocabulary (32k pieces + 100 sentinels), shipped with the project under st_moe_jax/assets/
+# (its README gives the source and license). ST_MOE_SPM_PATH overrides it. Nothing reads the file until a
+# task tokenizes.
+BUNDLED_T5_SPM_PATH = str(pathlib.Path(__file__).resolve().parents[1] / 'st_moe_jax' / 'assets'
+                          / 't5_cc_all.32000.100extra.spm.model')
+T5_SPM_PATH = os.environ.get('ST_MOE_SPM_PATH', BUNDLED_T5_SPM_PATH)
 
 # Task name suffix of the T5-vocabulary twin of every task; the plain names use bytes.
 T5_VOCAB_SUFFIX = '_t5vocab'
@@ -39,7 +39,7 @@ def sentencepiece_vocabulary(path: Optional[str] = None, extra_ids: Optional[int
   """A SentencePiece vocabulary (default: the T5 one) with `extra_ids` sentinels appended.
 
   extra_ids=None: 100 (T5's sentinels), unless the model file already defines `<extra_id_N>` pieces
-  (the copy in ../shared/data does, 32101 pieces with <extra_id_0> last) - appending them again would
+  (the bundled copy does: 32101 pieces with <extra_id_0> last) - appending them again would
   fail to load. The model itself is loaded lazily, on first use.
   """
   path = path or T5_SPM_PATH
