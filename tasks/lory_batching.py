@@ -1,4 +1,4 @@
-"""Similarity-based data batching for Lory (seed_methods.md §3.4; In-Context Pretraining, Shi et al. 2024).
+"""Similarity-based data batching for Lory (docs/seed_methods.md §3.4; In-Context Pretraining, Shi et al. 2024).
 
 Lory routes segment k on segment k−1, so it learns most when neighbouring segments are about the same
 thing. Documents are therefore concatenated in an order where similar documents are adjacent:
