@@ -1,7 +1,7 @@
 """Dense building blocks, with flaxformer parameter names and logical axis names."""
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -45,44 +45,108 @@ class Dense(nn.Module):
     return y.reshape(*inputs.shape[:-1], self.features)
 
 
-class MlpBlock(nn.Module):
-  """Transformer feed-forward block: wo(dropout(∏_i act_i(wi_i x))).
+class Kernel(nn.Module):
+  """One float32 parameter `kernel` of a fixed shape with logical axis names (a matrix without its matmul)."""
+  shape: tuple[int, ...]
+  axes: tuple[Optional[str], ...]
+  init: Callable = default_kernel_init
 
-  ('gelu', 'linear') is GEGLU with kernels wi_0, wi_1, wo; ('relu',) is the classic T5 / Switch FFN with
-  wi, wo. Used as the dense FFN and, vmapped over the 'expert' axis, as the MoE experts.
+  @nn.compact
+  def __call__(self) -> Array:
+    return self.param('kernel', nn.with_logical_partitioning(self.init, self.axes), self.shape, jnp.float32)
+
+
+def flat_matmul(x: Array, kernels: Sequence[Array]) -> list[Array]:
+  """x <float>[..., K] times each 2-D kernel [K, M_i] as one [prod(...), K] product (see Dense) -> [..., M_i]."""
+  flat = x.reshape(-1, x.shape[-1])
+  return [jnp.dot(flat, k).reshape(*x.shape[:-1], k.shape[-1]) for k in kernels]
+
+
+def batched_matmul(x: Array, kernels: Sequence[Array]) -> list[Array]:
+  """x <float>[*b, T, K] times each batched kernel [*b, K, M_i] -> [*b, T, M_i] (experts, merged FFNs)."""
+  return [jnp.einsum('...tk,...km->...tm', x, k) for k in kernels]
+
+
+def gated_ffn(x: Array, kernels: Mapping[str, Array], activations: Sequence[str], *,
+              matmul: Callable[[Array, Sequence[Array]], list[Array]] = flat_matmul,
+              dropout: Callable[[Array], Array] = lambda h: h) -> Array:
+  """The feed-forward block every FFN here runs: wo(dropout(∏_i act_i(x · wi_i))).
+
+  The one copy of the gated product, shared by the dense FFN (MlpBlock), the capacity and dropless expert
+  paths (moe.MoeLayer) and Lory's merged experts; they differ only in `matmul`.
+
+  Args:
+    x: <float>[..., H] inputs, already in the computation dtype.
+    kernels: 'wi' (one activation) or 'wi_0', 'wi_1', ... (one per activation) [.., H, F] and 'wo'
+      [.., F, H], in the computation dtype.
+    activations: names in ACTIVATIONS, multiplied together: ('gelu', 'linear') = GEGLU,
+      ('silu', 'linear') = SwiGLU, ('relu',) = the T5 1.0 / Switch FFN.
+    matmul: (x, [kernel, ...]) -> [x · kernel, ...]; input projections share one call, so a grouped
+      matmul reads its rows once for all of them.
+    dropout: applied to the hidden activations.
+
+  Returns:
+    <float>[..., H].
+  """
+  names = input_projection_names(len(activations))
+  hidden = None
+  for h, act in zip(matmul(x, [kernels[n] for n in names]), activations):
+    h = ACTIVATIONS[act](h)
+    hidden = h if hidden is None else hidden * h
+  return matmul(dropout(hidden), [kernels['wo']])[0]
+
+
+class MlpBlock(nn.Module):
+  """Dense transformer FFN: `gated_ffn` with 2-D kernels `wi_0/kernel` [H, F], ..., `wo/kernel` [F, H].
 
   Attributes:
     intermediate_dim: F.
-    activations: one name per input projection, multiplied together.
-    intermediate_dropout_rate: dropout on the hidden activations (expert dropout for experts).
+    activations: one name per input projection, multiplied together (validated by the model config).
+    intermediate_dropout_rate: dropout on the hidden activations.
     dtype: computation dtype; parameters stay float32.
-    input_axis_name / intermediate_axis_name: logical axes of the kernels ('embed', 'mlp' for the dense
-      FFN; 'mlp_embed', 'expert_mlp' for experts).
   """
   intermediate_dim: int
   activations: Sequence[str] = ('gelu', 'linear')
   intermediate_dropout_rate: float = 0.0
   dtype: DType = jnp.float32
   kernel_init: Callable = default_kernel_init
-  input_axis_name: str = 'embed'
-  intermediate_axis_name: str = 'mlp'
 
   @nn.compact
   def __call__(self, inputs: Array, *, enable_dropout: bool = False) -> Array:
     """inputs: <float>[..., H] -> <float>[..., H] in self.dtype."""
-    for name in self.activations:
-      if name not in ACTIVATIONS:
-        raise ValueError(f'Unknown activation {name!r} in MlpBlock.activations; choose from '
-                         f'{sorted(ACTIVATIONS)}.')
-    axes = (self.input_axis_name, self.intermediate_axis_name)
-    names = input_projection_names(len(self.activations))
-    hidden = None
-    for name, act in zip(names, self.activations):
-      h = Dense(self.intermediate_dim, axes, self.dtype, self.kernel_init, name=name)(inputs)
-      h = ACTIVATIONS[act](h)
-      hidden = h if hidden is None else hidden * h
-    hidden = nn.Dropout(rate=self.intermediate_dropout_rate)(hidden, deterministic=not enable_dropout)
-    return Dense(inputs.shape[-1], axes[::-1], self.dtype, self.kernel_init, name='wo')(hidden)
+    hidden, inner = inputs.shape[-1], self.intermediate_dim
+    kernels = {n: Kernel((hidden, inner), ('embed', 'mlp'), self.kernel_init, name=n)()
+               for n in input_projection_names(len(self.activations))}
+    kernels['wo'] = Kernel((inner, hidden), ('mlp', 'embed'), self.kernel_init, name='wo')()
+    dropout = nn.Dropout(rate=self.intermediate_dropout_rate)
+    return gated_ffn(inputs.astype(self.dtype), {n: k.astype(self.dtype) for n, k in kernels.items()},
+                     self.activations, dropout=lambda h: dropout(h, deterministic=not enable_dropout))
+
+
+class Experts(nn.Module):
+  """The E experts' FFN kernels, declared once for every expert path: `wi_0/kernel` <float32>[E, H, F], ...,
+  `wo/kernel` [E, F, H], logical axes ('expert', 'mlp_embed', 'expert_mlp'), each expert's matrix
+  initialised like a dense FFN kernel (truncated normal, fan-in of that expert's matrix).
+
+  Attributes:
+    num_experts: E.
+    intermediate_dim: F.
+    num_inputs: input projections (len(activations)).
+  """
+  num_experts: int
+  intermediate_dim: int
+  num_inputs: int = 2
+
+  @nn.compact
+  def __call__(self, hidden: int) -> dict[str, Array]:
+    """hidden: H. Returns {name: float32 kernel}."""
+    init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=-2, out_axis=-1,
+                                            batch_axis=(0,))
+    e, f = self.num_experts, self.intermediate_dim
+    kernels = {n: Kernel((e, hidden, f), ('expert', 'mlp_embed', 'expert_mlp'), init, name=n)()
+               for n in input_projection_names(self.num_inputs)}
+    kernels['wo'] = Kernel((e, f, hidden), ('expert', 'expert_mlp', 'mlp_embed'), init, name='wo')()
+    return kernels
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Lory: a fully differentiable MoE layer for causal decoders, by expert merging (seed_methods.md §3).
+"""Lory: a fully differentiable MoE layer for causal decoders, by expert merging (docs/seed_methods.md §3,
+arXiv:2405.03133).
 
 A sequence is cut into segments of T tokens (SEGMENT_LENGTH). Segment k's routing weights come from the
 mean MoE-block input of segment k−1, e = softmax(R · mean_{x ∈ S_{k−1}} h_x); the experts' FFN matrices
@@ -38,13 +39,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from st_moe_jax.layers import ACTIVATIONS, input_projection_names
+from st_moe_jax.config import LORY_FIRST_SEGMENT_MODES, MoeConfig
+from st_moe_jax.layers import Experts, batched_matmul, gated_ffn
 from st_moe_jax.routers import LinearRouter
 
 Array = jax.Array
-
-FIRST_SEGMENT_MODES = ('uniform', 'self_stopgrad')
-INFERENCE_ROUTING_MODES = ('prompt', 'segment')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -78,9 +77,8 @@ def causal_segment_weights(segment_probs: Array, first_segment: str = 'uniform')
   Returns:
     <float32>[B, N, E]. Shifting per row never mixes batch rows.
   """
-  if first_segment not in FIRST_SEGMENT_MODES:
-    raise ValueError(f'MoeConfig.lory_first_segment must be one of {FIRST_SEGMENT_MODES}, '
-                     f'got {first_segment!r}.')
+  if first_segment not in LORY_FIRST_SEGMENT_MODES:
+    raise ValueError(f'first_segment must be one of {LORY_FIRST_SEGMENT_MODES}, got {first_segment!r}.')
   num_experts = segment_probs.shape[-1]
   if first_segment == 'uniform':
     first = jnp.full_like(segment_probs[:, :1], 1.0 / num_experts)
@@ -177,73 +175,17 @@ def dense_warmup_steps(fraction: float, train_steps: int) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Modules.
 
-class LoryExperts(nn.Module):
-  """The E experts' kernels, stacked: `wi_0/kernel` <float32>[E, H, F], ..., `wo/kernel` [E, F, H].
-
-  Same names, shapes, logical axes and per-expert fan-in init as MoeLayer's vmapped experts.
-  """
-  num_experts: int
-  intermediate_dim: int
-  num_inputs: int = 2
-
-  @nn.compact
-  def __call__(self, hidden: int) -> dict[str, Array]:
-    init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=-2, out_axis=-1,
-                                            batch_axis=(0,))
-    names = input_projection_names(self.num_inputs)
-    shapes = {n: (self.num_experts, hidden, self.intermediate_dim) for n in names}
-    shapes['wo'] = (self.num_experts, self.intermediate_dim, hidden)
-    axes = {n: ('expert', 'mlp_embed', 'expert_mlp') for n in names}
-    axes['wo'] = ('expert', 'expert_mlp', 'mlp_embed')
-    return {n: _Kernel(shapes[n], axes[n], init, name=n)() for n in shapes}
-
-
-class _Kernel(nn.Module):
-  shape: tuple[int, ...]
-  axes: tuple[str, ...]
-  init: Any
-
-  @nn.compact
-  def __call__(self) -> Array:
-    return self.param('kernel', nn.with_logical_partitioning(self.init, self.axes), self.shape, jnp.float32)
-
-
 class LoryMoeLayer(nn.Module):
   """Lory MoE FFN for causal decoder stacks (see the module docstring for the routing rules).
 
   Attributes:
-    num_experts: E.
-    intermediate_dim: F of each expert.
-    segment_length: T (SEGMENT_LENGTH; the paper uses 256 with 4096-token sequences).
-    first_segment: 'uniform' (causal, default) or 'self_stopgrad' (the paper).
-    inference_routing: 'prompt' (default) or 'segment'.
-    activations: expert activations, ('silu', 'linear') = SwiGLU as in the paper.
-    expert_dropout_rate: dropout on the merged FFN's hidden activations.
+    config: the stack's MoeConfig (moe_type='lory'), with expert_mlp_dim and expert_activations set
+      (`MoeConfig.with_model_defaults`); reads num_experts, segment_length, lory_first_segment,
+      lory_inference_routing and expert_dropout_rate.
     dtype: FFN computation dtype; router, segment means and merging run in float32.
   """
-  num_experts: int
-  intermediate_dim: int
-  segment_length: int = 256
-  first_segment: str = 'uniform'
-  inference_routing: str = 'prompt'
-  activations: Sequence[str] = ('gelu', 'linear')
-  expert_dropout_rate: float = 0.0
+  config: MoeConfig
   dtype: jnp.dtype = jnp.float32
-
-  def _check_config(self) -> None:
-    if self.num_experts < 1:
-      raise ValueError(f'LoryMoeLayer.num_experts must be >= 1, got {self.num_experts}.')
-    if self.segment_length < 1:
-      raise ValueError(f'MoeConfig.segment_length must be >= 1, got {self.segment_length}.')
-    if self.first_segment not in FIRST_SEGMENT_MODES:
-      raise ValueError(f'MoeConfig.lory_first_segment must be one of {FIRST_SEGMENT_MODES}, '
-                       f'got {self.first_segment!r}.')
-    if self.inference_routing not in INFERENCE_ROUTING_MODES:
-      raise ValueError(f'MoeConfig.lory_inference_routing must be one of {INFERENCE_ROUTING_MODES}, '
-                       f'got {self.inference_routing!r}.')
-    for name in self.activations:
-      if name not in ACTIVATIONS:
-        raise ValueError(f'Unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}.')
 
   @nn.compact
   def __call__(self, inputs: Array, padding_mask: Optional[Array] = None, *,
@@ -261,16 +203,16 @@ class LoryMoeLayer(nn.Module):
     Returns:
       <float>[B, L, H] in the inputs' dtype.
     """
-    self._check_config()
+    cfg = self.config
     if inputs.ndim != 3:
       raise ValueError(f'LoryMoeLayer inputs must be [batch, length, hidden], got shape {inputs.shape}.')
     batch, length, hidden = inputs.shape
-    kernels = LoryExperts(self.num_experts, self.intermediate_dim, len(self.activations),
-                          name='expert')(hidden)
-    router = LinearRouter(self.num_experts, name='router')
+    kernels = Experts(cfg.num_experts, cfg.expert_mlp_dim, len(cfg.expert_activations),
+                      name='expert')(hidden)
+    router = LinearRouter(cfg.num_experts, name='router')
     route = lambda means: jax.nn.softmax(router(means), axis=-1)  # [..., H] -> [..., E] float32
 
-    use_prompt = (not enable_dropout and prompt_mask is not None and self.inference_routing == 'prompt')
+    use_prompt = (not enable_dropout and prompt_mask is not None and cfg.lory_inference_routing == 'prompt')
     if decode and self.has_variable('cache', 'index'):
       weights = self._decode_step_weights(inputs, route, prompt_mask if use_prompt else None)
       y = self._merged_ffn(inputs[:, None], weights[:, None], kernels, enable_dropout)
@@ -280,13 +222,13 @@ class LoryMoeLayer(nn.Module):
       self._cache_variables(batch, hidden)
     real = (jnp.ones((batch, length), jnp.float32) if padding_mask is None
             else padding_mask.astype(jnp.float32))
-    t = self.segment_length
+    t = cfg.segment_length
     num_segments = -(-length // t)
     pad = num_segments * t - length
     x = jnp.pad(inputs, ((0, 0), (0, pad), (0, 0)))
     real = jnp.pad(real, ((0, 0), (0, pad)))
     probs = route(segment_means(x, real, t))  # [B, N, E]
-    weights = causal_segment_weights(probs, self.first_segment)  # [B, N, E]
+    weights = causal_segment_weights(probs, cfg.lory_first_segment)  # [B, N, E]
     if use_prompt:
       # Every position of a row with a prompt routes on the prompt's mean: one merged FFN per sequence.
       prompt = prompt_mask.astype(jnp.float32) * real[:, :length]
@@ -295,7 +237,7 @@ class LoryMoeLayer(nn.Module):
     self.sow('intermediates', 'lory_router_confidence', jnp.mean(jnp.max(weights, axis=-1)))
     # The paper's utilisation: an expert counts as used when its weight exceeds 2/E somewhere.
     self.sow('intermediates', 'lory_expert_utilization',
-             jnp.mean(jnp.any(weights > 2.0 / self.num_experts, axis=(0, 1)).astype(jnp.float32)))
+             jnp.mean(jnp.any(weights > 2.0 / cfg.num_experts, axis=(0, 1)).astype(jnp.float32)))
     xs = x.reshape(batch, num_segments, t, hidden)  # [B, N, T, H]
     y = self._merged_ffn(xs, weights, kernels, enable_dropout)
     return y.reshape(batch, num_segments * t, hidden)[:, :length].astype(inputs.dtype)
@@ -306,19 +248,15 @@ class LoryMoeLayer(nn.Module):
     Merging costs 2·E·H·F multiply-adds per matrix per segment, E/T of the FFN's own cost (paper §3).
     """
     merged = {n: merge_experts(weights, k).astype(self.dtype) for n, k in kernels.items()}  # [B, N, a, b]
-    x = xs.astype(self.dtype)
-    hidden = None
-    for name, act in zip([n for n in kernels if n != 'wo'], self.activations):
-      h = ACTIVATIONS[act](jnp.einsum('bnth,bnhf->bntf', x, merged[name]))
-      hidden = h if hidden is None else hidden * h
-    hidden = nn.Dropout(self.expert_dropout_rate)(hidden, deterministic=not enable_dropout)
-    return jnp.einsum('bntf,bnfh->bnth', hidden, merged['wo'])
+    dropout = nn.Dropout(self.config.expert_dropout_rate)
+    return gated_ffn(xs.astype(self.dtype), merged, self.config.expert_activations, matmul=batched_matmul,
+                     dropout=lambda h: dropout(h, deterministic=not enable_dropout))
 
   def _cache_variables(self, batch: int, hidden: int):
     zeros = lambda *shape: (lambda: jnp.zeros(shape, jnp.float32))
     return (self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32)),
             self.variable('cache', 'segment_sum', zeros(batch, hidden)),  # Σ h over the current segment
-            self.variable('cache', 'segment_weights', zeros(batch, self.num_experts)),  # e(k−1)
+            self.variable('cache', 'segment_weights', zeros(batch, self.config.num_experts)),  # e(k−1)
             self.variable('cache', 'prompt_sum', zeros(batch, hidden)),
             self.variable('cache', 'prompt_count', zeros(batch)))
 
@@ -333,11 +271,11 @@ class LoryMoeLayer(nn.Module):
     batch, _, hidden = inputs.shape
     index, seg_sum, seg_weights, prompt_sum, prompt_count = self._cache_variables(batch, hidden)
     x = inputs[:, 0].astype(jnp.float32)  # [B, H]
-    t = self.segment_length
+    t, num_experts = self.config.segment_length, self.config.num_experts
     i = index.value
     new_sum = seg_sum.value + x
-    if self.first_segment == 'uniform':
-      first = jnp.full((batch, self.num_experts), 1.0 / self.num_experts, jnp.float32)
+    if self.config.lory_first_segment == 'uniform':
+      first = jnp.full((batch, num_experts), 1.0 / num_experts, jnp.float32)
     else:
       first = route(new_sum / (i % t + 1).astype(jnp.float32))
     weights = jnp.where(i < t, first, seg_weights.value)
@@ -357,4 +295,4 @@ class LoryMoeLayer(nn.Module):
 
 
 __all__ = ['LoryMoeLayer', 'segment_means', 'causal_segment_weights', 'merge_experts',
-           'upcycle_dense_to_lory', 'dense_warmup_steps', 'FIRST_SEGMENT_MODES', 'INFERENCE_ROUTING_MODES']
+           'upcycle_dense_to_lory', 'dense_warmup_steps']

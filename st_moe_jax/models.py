@@ -1,9 +1,10 @@
 """Encoder-decoder and decoder-only transformers (T5 v1.1 / ST-MoE / Switch), with sparse MoE layers.
 
 The architecture only decides where the sparse layers go (`sparse_layer_indices`) and wires them; the MoE
-layer itself is `moe.MoeLayer` (or `lory.LoryMoeLayer`, MoeConfig.moe_type='lory'). With
+layer itself is `moe.MoeLayer` (or `lory.LoryMoeLayer`, MoeConfig.moe_type='lory'), which receives the
+stack's `config.MoeConfig` as it is. With
 MoeConfig.router='recurrent' (RMoE) each stack owns one recurrent cell shared by its MoE layers, and the
-per-token routing state flows through the stack's layers in depth order (see `routers.RecurrentRouter`). Parameter names follow flaxformer (DESIGN.md §3), e.g.
+per-token routing state flows through the stack's layers in depth order (see `routers.RecurrentRouter`). Parameter names follow flaxformer (docs/design.md §3), e.g.
 `encoder/layers_3/mlp/expert/wi_0/kernel`, `decoder/layers_1/extra_mlp/wo/kernel`, `token_embedder/embedding`.
 
 Notation: B batch, L length (Le encoder, Ld decoder), H d_model, N heads, D head dim, V vocabulary.
@@ -11,28 +12,25 @@ Token id 0 is padding (t5x): the encoder padding mask is `encoder_input_tokens >
 `decoder_target_tokens > 0`.
 """
 
-import dataclasses
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from st_moe_jax import losses
 from st_moe_jax import lory as lory_lib
 from st_moe_jax import moe as moe_lib
 from st_moe_jax import routers as routers_lib
+from st_moe_jax.config import LAYOUTS, MoeConfig, TransformerConfig
 from st_moe_jax.layers import (Dense, Embed, MlpBlock, MultiHeadDotProductAttention, RelativePositionBiases,
                                RMSNorm, combine_masks, make_attention_mask, make_causal_mask)
 
 Array = jax.Array
 
-LAYOUTS = ('BOTTOM', 'MIDDLE', 'MIXED', 'TOP')
-ROUTERS = ('linear', 'recurrent')
-MOE_TYPES = ('sparse', 'lory')
-
 
 def sparse_layer_indices(num_layers: int, num_sparse_layers: int, layout: str) -> tuple[int, ...]:
-  """The 0-based indices of the sparse layers (routing.md §8).
+  """The 0-based indices of the sparse layers (docs/routing.md §8).
 
   BOTTOM: i < S.  TOP: i ≥ L − S.  MIDDLE: L − S ≤ 2i < L + S.  MIXED: every (L/S)-th layer, i.e.
   i % (L/S) == L/S − 1 (L = 12, S = 3 → 3, 7, 11); needs L % S == 0.
@@ -60,124 +58,6 @@ def sparse_layer_indices(num_layers: int, num_sparse_layers: int, layout: str) -
       'MIXED': lambda i: i % (n // s) == n // s - 1,
   }[name]
   return tuple(i for i in range(n) if rule(i))
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformerConfig:
-  """Dense shapes and options shared by both model kinds (t5x macros in brackets).
-
-  Attributes:
-    vocab_size: V [NUM_EMBEDDINGS].
-    embed_dim: H [EMBED_DIM].
-    num_heads: N [NUM_HEADS].
-    head_dim: D [HEAD_DIM].
-    mlp_dim: F of the dense FFNs [MLP_DIM].
-    num_encoder_layers / num_decoder_layers [NUM_ENCODER_LAYERS / NUM_DECODER_LAYERS].
-    activations: ('gelu', 'linear') = GEGLU (T5 1.1, ST-MoE) or ('relu',) (T5 1.0, Switch).
-    dropout_rate: residual, embedding and attention dropout [DROPOUT_RATE].
-    logits_via_embedding: tied output logits (scaled by 1/√H as t5x does) instead of `logits_dense`.
-    dtype: activation dtype [ACTIVATION_DTYPE]; parameters stay float32.
-    relpos_num_buckets / relpos_max_distance: T5 relative position bias (32 / 128).
-    layer_norm_epsilon: RMSNorm epsilon.
-  """
-  vocab_size: int = 32128
-  embed_dim: int = 512
-  num_heads: int = 8
-  head_dim: int = 64
-  mlp_dim: int = 2048
-  num_encoder_layers: int = 8
-  num_decoder_layers: int = 8
-  activations: tuple[str, ...] = ('gelu', 'linear')
-  dropout_rate: float = 0.0
-  logits_via_embedding: bool = False
-  dtype: Any = 'float32'
-  relpos_num_buckets: int = 32
-  relpos_max_distance: int = 128
-  layer_norm_epsilon: float = 1e-6
-
-  def __post_init__(self):
-    object.__setattr__(self, 'activations', tuple(self.activations))  # gin gives lists
-    object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
-
-
-@dataclasses.dataclass(frozen=True)
-class MoeConfig:
-  """Where a stack's sparse layers go and how they route (one per stack; t5x macros in brackets).
-
-  Attributes:
-    num_sparse_layers: S [NUM_ENCODER_SPARSE_LAYERS / NUM_DECODER_SPARSE_LAYERS].
-    sparse_layout: BOTTOM / MIDDLE / MIXED / TOP [ENCODER_SPARSE_LAYOUT / DECODER_SPARSE_LAYOUT].
-    extra_mlp: ST-MoE's extra dense FFN after each sparse layer's MoE (scope `extra_mlp`).
-    num_experts: E [NUM_EXPERTS].
-    expert_mlp_dim: F of each expert; None = TransformerConfig.mlp_dim [EXPERT_MLP_DIM].
-    expert_activations: None = TransformerConfig.activations.
-    group_size: MoeLayer.max_group_size [GROUP_SIZE].
-    group_by_sequence: each sequence (batch row) is its own routing group, whatever its length (HF Switch
-      routes this way); overrides group_size and group_multiple.
-    expert_capacity: a fixed C per group instead of one from the capacity factors (HF Switch's
-      `expert_capacity`).
-    router: 'linear' (ST-MoE, per layer) or 'recurrent' (RMoE: a GRU over depth shared by the stack's MoE
-      layers, feeding MoeLayer's `router_logits`) [ROUTER].
-    recurrent_router_dim: p, the GRU size (the RMoE paper's 128) [RECURRENT_ROUTER_DIM].
-    recurrent_router_cell: 'gru' or 'rnn' (ablation) [RECURRENT_ROUTER_CELL].
-    recurrent_router_state: 'pass' (RMoE), or the ablations 'detach' / 'none' [RECURRENT_ROUTER_STATE].
-    moe_type: 'sparse' (MoeLayer: routed tokens, capacity) or 'lory' (LoryMoeLayer: segment routing and
-      expert merging; causal decoder stacks only) [MOE_TYPE].
-    segment_length: Lory's T [SEGMENT_LENGTH].
-    lory_first_segment: 'uniform' (causal, default) or 'self_stopgrad' (the paper) [LORY_FIRST_SEGMENT].
-    lory_inference_routing: 'prompt' (default) or 'segment' [LORY_INFERENCE_ROUTING].
-    The rest are `moe.MoeLayer`'s attributes of the same meaning.
-  """
-  num_sparse_layers: int = 0
-  sparse_layout: str = 'MIXED'
-  extra_mlp: bool = False
-  num_experts: int = 8
-  expert_mlp_dim: Optional[int] = None
-  expert_activations: Optional[tuple[str, ...]] = None
-  num_selected_experts: int = 2
-  routing_method: str = 'tokens_choose'
-  batch_prioritized_routing: bool = False
-  train_capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
-  min_expert_capacity: int = 4
-  group_size: int = 4096
-  group_by_sequence: bool = False
-  expert_capacity: Optional[int] = None
-  strict_group_size: bool = False
-  num_expert_replicas: int = 1
-  group_multiple: Optional[int] = None
-  jitter_noise: float = 0.0
-  expert_dropout_rate: float = 0.0
-  dispatch_method: str = 'gather'
-  sparsemixer_eps: float = 0.01
-  dropless: bool = False
-  router: str = 'linear'
-  recurrent_router_dim: int = 128
-  recurrent_router_cell: str = 'gru'
-  recurrent_router_state: str = 'pass'
-  moe_type: str = 'sparse'
-  segment_length: int = 256
-  lory_first_segment: str = 'uniform'
-  lory_inference_routing: str = 'prompt'
-
-  def __post_init__(self):
-    if self.expert_activations is not None:
-      object.__setattr__(self, 'expert_activations', tuple(self.expert_activations))
-    object.__setattr__(self, 'sparse_layout', str(self.sparse_layout).upper())
-    choices = [('router', ROUTERS), ('moe_type', MOE_TYPES),
-               ('recurrent_router_cell', routers_lib.RECURRENT_CELLS),
-               ('recurrent_router_state', routers_lib.RECURRENT_STATE_MODES),
-               ('lory_first_segment', lory_lib.FIRST_SEGMENT_MODES),
-               ('lory_inference_routing', lory_lib.INFERENCE_ROUTING_MODES)]
-    for name, allowed in choices:
-      if getattr(self, name) not in allowed:
-        raise ValueError(f'MoeConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.')
-    for name in ('recurrent_router_dim', 'segment_length'):
-      if getattr(self, name) < 1:
-        raise ValueError(f'MoeConfig.{name} must be >= 1, got {getattr(self, name)}.')
-    if self.moe_type == 'lory' and self.router != 'linear':
-      raise ValueError(f'MoeConfig.router={self.router!r} does not apply to moe_type="lory", which routes '
-                       f'segments with its own linear router; use router="linear" with Lory.')
 
 
 def check_causal_moe(moe: Optional[MoeConfig], field: str) -> None:
@@ -211,25 +91,9 @@ def _check_stack(moe: Optional[MoeConfig], num_layers: int, field: str) -> tuple
 
 
 def moe_metrics(intermediates: Mapping[str, Any]) -> dict[str, Array]:
-  """Averages each MoE metric sown by the MoeLayers over all of them (encoder and decoder together).
-
-  Args:
-    intermediates: the 'intermediates' collection returned by `model.apply(..., mutable=['intermediates'])`.
-
-  Returns:
-    {metric name: float32 scalar} for the names in `moe.METRIC_NAMES`; empty if the model has no MoE layer.
-  """
-  found: dict[str, list[Array]] = {}
-
-  def visit(tree):
-    for key, value in tree.items():
-      if key in moe_lib.METRIC_NAMES and isinstance(value, (tuple, list)):
-        found.setdefault(key, []).extend(jnp.asarray(v, jnp.float32) for v in value)
-      elif isinstance(value, Mapping):
-        visit(value)
-
-  visit(intermediates)
-  return {name: jnp.mean(jnp.stack(values)) for name, values in found.items()}
+  """{MoE metric name: mean over all MoE layers} from a model's 'intermediates'; empty without MoE layers."""
+  means = {name: losses.mean_over_layers(intermediates, name) for name in losses.MOE_METRIC_NAMES}
+  return {name: value for name, value in means.items() if value is not None}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,19 +151,19 @@ class TransformerLayer(nn.Module):
       x = x + dropout(h)
 
     h = norm('pre_mlp_layer_norm')(x)
-    if self.sparse and self.moe.moe_type == 'lory':
-      h = self._lory_layer()(h, padding_mask, prompt_mask=prompt_mask, enable_dropout=enable_dropout,
-                             decode=decode)
-    elif self.sparse:
-      logits = None
-      if self.moe.router == 'recurrent':
-        if self.router_cell is None:
-          raise ValueError('MoeConfig.router="recurrent" needs the stack to pass its shared router_cell.')
-        logits, router_state = routers_lib.RecurrentRouter(
-            self.moe.num_experts, self.router_cell, self.moe.jitter_noise, self.moe.recurrent_router_state,
-            name='router')(h, router_state, apply_jitter=enable_dropout)  # [B, L, E], [B, L, p]
-      h = self._moe_layer(h)(h, padding_mask, enable_dropout=enable_dropout, decode=decode,
-                             router_logits=logits)
+    if self.sparse:
+      moe = self.moe.with_model_defaults(cfg.mlp_dim, cfg.activations)
+      if moe.moe_type == 'lory':
+        h = lory_lib.LoryMoeLayer(moe, cfg.dtype, name='mlp')(
+            h, padding_mask, prompt_mask=prompt_mask, enable_dropout=enable_dropout, decode=decode)
+      else:
+        logits = None
+        if moe.router == 'recurrent':
+          logits, router_state = routers_lib.RecurrentRouter(
+              moe.num_experts, self.router_cell, moe.jitter_noise, moe.recurrent_router_state,
+              name='router')(h, router_state, apply_jitter=enable_dropout)  # [B, L, E], [B, L, p]
+        h = moe_lib.MoeLayer(moe, cfg.dtype, name='mlp')(
+            h, padding_mask, enable_dropout=enable_dropout, decode=decode, router_logits=logits)
     else:
       h = MlpBlock(cfg.mlp_dim, cfg.activations, cfg.dropout_rate, cfg.dtype, name='mlp')(
           h, enable_dropout=enable_dropout)
@@ -310,34 +174,6 @@ class TransformerLayer(nn.Module):
           h, enable_dropout=enable_dropout)
       x = x + dropout(h)
     return x, router_state
-
-  def _lory_layer(self) -> lory_lib.LoryMoeLayer:
-    m, cfg = self.moe, self.config
-    return lory_lib.LoryMoeLayer(
-        num_experts=m.num_experts, intermediate_dim=m.expert_mlp_dim or cfg.mlp_dim,
-        segment_length=m.segment_length, first_segment=m.lory_first_segment,
-        inference_routing=m.lory_inference_routing, activations=m.expert_activations or cfg.activations,
-        expert_dropout_rate=m.expert_dropout_rate, dtype=cfg.dtype, name='mlp')
-
-  def _moe_layer(self, h: Array) -> moe_lib.MoeLayer:
-    """The MoE layer. At a decode step (MoeLayer's `decode`) its capacity is raised so that no token of
-    the step is dropped."""
-    m, cfg = self.moe, self.config
-    group_size, group_multiple = m.group_size, m.group_multiple
-    if m.group_by_sequence:  # G = B groups of T = L tokens
-      group_size, group_multiple = h.shape[1], 1
-    return moe_lib.MoeLayer(
-        num_experts=m.num_experts, intermediate_dim=m.expert_mlp_dim or cfg.mlp_dim,
-        num_selected_experts=m.num_selected_experts, routing_method=m.routing_method,
-        batch_prioritized_routing=m.batch_prioritized_routing,
-        train_capacity_factor=m.train_capacity_factor, eval_capacity_factor=m.eval_capacity_factor,
-        min_expert_capacity=m.min_expert_capacity, expert_capacity=m.expert_capacity,
-        max_group_size=group_size,
-        strict_group_size=m.strict_group_size, num_expert_replicas=m.num_expert_replicas,
-        group_multiple=group_multiple, jitter_noise=m.jitter_noise,
-        activations=m.expert_activations or cfg.activations, expert_dropout_rate=m.expert_dropout_rate,
-        dispatch_method=m.dispatch_method, sparsemixer_eps=m.sparsemixer_eps, dropless=m.dropless,
-        dtype=cfg.dtype, name='mlp')
 
 
 def _router_cell(moe: Optional[MoeConfig], sparse: set[int]) -> Optional[nn.Module]:

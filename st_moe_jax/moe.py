@@ -1,10 +1,13 @@
 """The sparse MoE feed-forward layer: group tokens → route → dispatch → experts → combine.
 
-Routing math lives in `routing.py`, buffer movement in `dispatch.py`, the router in `routers.py`.
+The layer is thin glue around pure functions: grouping (`group_tokens` / `ungroup`), logits → routing
+(`route`, math in `routing.py`), buffer movement (`dispatch.py`) and the expert FFN (`layers.gated_ffn`
+over `layers.Experts` kernels). Its settings are one `config.MoeConfig`, validated when it is made.
+Semantics: docs/routing.md.
 """
 
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -12,14 +15,12 @@ import jax.numpy as jnp
 
 from st_moe_jax import dispatch as dispatch_lib
 from st_moe_jax import routing
-from st_moe_jax.layers import ACTIVATIONS, MlpBlock, input_projection_names
+from st_moe_jax.config import MoeConfig
+from st_moe_jax.layers import Experts, batched_matmul, gated_ffn
+from st_moe_jax.losses import MOE_METRIC_NAMES
 from st_moe_jax.routers import LinearRouter
 
 Array = jax.Array
-
-ROUTING_METHODS = ('tokens_choose', 'experts_choose', 'sparsemixer')
-METRIC_NAMES = ('auxiliary_loss', 'router_z_loss', 'fraction_tokens_left_behind', 'expert_usage',
-                'router_confidence')
 
 
 def num_groups_for(num_tokens: int, max_group_size: int, multiple: int) -> Optional[int]:
@@ -37,7 +38,7 @@ def num_groups_for(num_tokens: int, max_group_size: int, multiple: int) -> Optio
 
 def plan_groups(batch: int, length: int, max_group_size: int, multiple: int,
                 strict: bool = False) -> tuple[int, int, int]:
-  """How to cut batch × length tokens into groups (routing.md §5).
+  """How to cut batch × length tokens into groups (docs/routing.md §5).
 
   Returns:
     (num_groups, padded_batch, padded_length). When no grouping fits, the batch or the length is padded,
@@ -54,8 +55,8 @@ def plan_groups(batch: int, length: int, max_group_size: int, multiple: int,
     if num_tokens % max_group_size or g % multiple:
       raise ValueError(
           f'strict_group_size: {batch}x{length} = {num_tokens} tokens cannot be cut into groups of exactly '
-          f'max_group_size={max_group_size} tokens with the number of groups a multiple of {multiple} '
-          f'(experts x expert replicas). Change the batch size or sequence length, change max_group_size, '
+          f'group_size={max_group_size} tokens with the number of groups a multiple of {multiple} '
+          f'(experts x expert replicas). Change the batch size or sequence length, change GROUP_SIZE, '
           f'or set strict_group_size=False to let the layer pick a group size.')
     return g, batch, length
   g = num_groups_for(num_tokens, max_group_size, multiple)
@@ -73,84 +74,112 @@ def plan_groups(batch: int, length: int, max_group_size: int, multiple: int,
   return g, padded_batch, padded_length
 
 
+class Groups(NamedTuple):
+  """How a [B, L] batch was cut into G groups of T tokens (padding added at the end of B and L)."""
+  batch: int
+  length: int
+  padded_batch: int
+  padded_length: int
+  num_groups: int
+
+  def pad(self, x: Array) -> Array:
+    """[B, L, ...] -> [G, T, ...]: zero padding appended, then cut into groups."""
+    pads = ((0, self.padded_batch - self.batch), (0, self.padded_length - self.length))
+    x = jnp.pad(x, pads + ((0, 0),) * (x.ndim - 2))
+    return x.reshape(self.num_groups, -1, *x.shape[2:])
+
+
+def group_tokens(inputs: Array, padding_mask: Optional[Array], *, group_size: int, multiple: int,
+                 strict: bool = False) -> tuple[Array, Array, Groups]:
+  """Cuts a batch into routing groups (docs/routing.md §5).
+
+  Args:
+    inputs: <float>[B, L, H].
+    padding_mask: optional [B, L], 1 for real tokens.
+    group_size: tokens per group at most.
+    multiple: the number of groups G is a multiple of this (E × expert replicas, or 1).
+    strict: raise instead of choosing a smaller group or padding.
+
+  Returns:
+    x <float>[G, T, H], real <float32>[G, T] (0 for padding, given or added), and the Groups to undo it.
+  """
+  batch, length, _ = inputs.shape
+  real = (jnp.ones((batch, length), jnp.float32) if padding_mask is None
+          else padding_mask.astype(jnp.float32))
+  num_groups, padded_batch, padded_length = plan_groups(batch, length, group_size, multiple, strict)
+  groups = Groups(batch, length, padded_batch, padded_length, num_groups)
+  return groups.pad(inputs), groups.pad(real), groups
+
+
+def ungroup(y: Array, groups: Groups) -> Array:
+  """<float>[G, T, H] -> [B, L, H]: the inverse of group_tokens, padding removed."""
+  y = y.reshape(groups.padded_batch, groups.padded_length, y.shape[-1])
+  return y[:groups.batch, :groups.length]
+
+
+class Route(NamedTuple):
+  """What routing decided for a [G, T] group of tokens.
+
+  expert_index / weights: <int32>[G, T, k] / <float32>[G, T, k] each token's experts and combine weights
+    (tokens-choose and SparseMixer; None for experts-choose).
+  slots: the capacity-bounded buffer assignment (None for dropless routing).
+  auxiliary_loss: the load-balancing loss (0 for experts-choose).
+  """
+  expert_index: Optional[Array]
+  weights: Optional[Array]
+  slots: Optional[routing.Routing]
+  auxiliary_loss: Array
+
+
+def route(logits: Array, real: Array, config: MoeConfig, *, capacity: int,
+          rng: Optional[Array] = None) -> Route:
+  """Router logits → routing decisions, with the auxiliary loss.
+
+  Args:
+    logits: <float32>[G, T, E].
+    real: <float32>[G, T], 1 for real tokens (padding is never routed and not in the loss).
+    config: routing_method, num_selected_experts, batch_prioritized_routing, sparsemixer_eps, dropless.
+    capacity: C per expert and group (unused when dropless).
+    rng: SparseMixer's sampling key in training; None evaluates (argmax).
+  """
+  probs = jax.nn.softmax(logits, axis=-1)
+  if config.routing_method == 'experts_choose':
+    slots = routing.experts_choose(probs, expert_capacity=capacity, padding_mask=real)
+    return Route(None, None, slots, jnp.zeros((), jnp.float32))
+  k, num_experts = config.num_selected_experts, config.num_experts
+  if config.routing_method == 'tokens_choose':
+    weights, expert_index = jax.lax.top_k(probs, k)  # ties -> lower expert index
+    expert_index = expert_index.astype(jnp.int32)
+    aux_loss = routing.load_balancing_loss(probs, expert_index, real)
+  else:  # sparsemixer
+    expert_index, weights = routing.sparsemixer(logits, num_selected_experts=k,
+                                                jitter_eps=config.sparsemixer_eps, rng=rng)
+    # GRIN's balance loss counts the deterministic top-k of the full softmax, not the samples, and over
+    # the whole batch ("global"), not per group: one group of G·T tokens.
+    top_index = jax.lax.top_k(probs, k)[1]
+    aux_loss = routing.load_balancing_loss(probs.reshape(1, -1, num_experts), top_index.reshape(1, -1, k),
+                                           real.reshape(1, -1))
+  slots = None
+  if not config.dropless:  # for top-k this is exactly routing.tokens_choose
+    slots = routing.assign_slots(
+        expert_index, weights, num_experts=num_experts, expert_capacity=capacity,
+        priority=weights[..., 0] if config.batch_prioritized_routing else None, padding_mask=real)
+  return Route(expert_index, weights, slots, aux_loss)
+
+
 class MoeLayer(nn.Module):
   """Sparse mixture-of-experts FFN, ST-MoE / Switch style.
 
+  Parameters: `router/router_weights/w/kernel` [H, E] (unless the logits come from outside) and the
+  experts' `expert/wi_0/kernel` [E, H, F], ..., `expert/wo/kernel` [E, F, H], whichever path runs.
+
   Attributes:
-    num_experts: E.
-    intermediate_dim: F of each expert.
-    num_selected_experts: k (tokens-choose): 1 for Switch, 2 for ST-MoE.
-    routing_method: 'tokens_choose' (top-k), 'experts_choose' (encoder only) or 'sparsemixer' (GRIN's
-      SparseMixer-v2: top-k sampled in training from the 'dropout' RNG stream, argmax in evaluation;
-      its multipliers are the combine weights, not renormalised).
-    batch_prioritized_routing: BPR for tokens-choose and sparsemixer (encoder only).
-    sparsemixer_eps: SparseMixer's mask threshold eps (GRIN's router_jitter_noise, 0.01).
-    dropless: every token reaches its k experts, no capacity (GRIN, MegaBlocks): choices are sorted by
-      expert and run through grouped matmuls. tokens_choose and sparsemixer only. The capacity factors
-      and expert_capacity are then unused. Sorts all tokens of the batch together (no expert parallelism).
-    dropless_tile_size: rows per tile of the grouped matmul; each expert wastes fewer than this many rows.
-    grouped_matmul_method: 'auto' (ragged_dot on GPU/TPU, tiled on CPU), 'tiled' or 'ragged_dot'.
-    train_capacity_factor / eval_capacity_factor: cf used when enable_dropout is True / False.
-    min_expert_capacity: lower bound on C.
-    expert_capacity: a fixed C per group, replacing the capacity factors (HF Switch's `expert_capacity`).
-    max_group_size: tokens per routing group at most (GROUP_SIZE).
-    strict_group_size: raise instead of choosing a smaller group size or padding.
-    num_expert_replicas: devices ÷ (expert partitions × model partitions), at least 1.
-    group_multiple: the number of groups is a multiple of this. None means E × num_expert_replicas
-      (flaxformer's rule, routing.md §5); 1 lets all tokens of a small batch form one group.
-    jitter_noise: router input jitter ε in training.
-    activations: expert MLP activations, ('gelu', 'linear') = GEGLU, ('relu',) = ReLU.
-    expert_dropout_rate: dropout on the experts' hidden activations.
-    dispatch_method: 'gather' (fast) or 'einsum' (exact one-hot reference).
+    config: the stack's MoeConfig, with expert_mlp_dim and expert_activations set
+      (`MoeConfig.with_model_defaults`).
     dtype: expert computation dtype; the router always runs in float32.
   """
-  num_experts: int
-  intermediate_dim: int
-  num_selected_experts: int = 2
-  routing_method: str = 'tokens_choose'
-  batch_prioritized_routing: bool = False
-  sparsemixer_eps: float = 0.01
-  dropless: bool = False
-  dropless_tile_size: int = 32
-  grouped_matmul_method: str = 'auto'
-  train_capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
-  min_expert_capacity: int = 4
-  expert_capacity: Optional[int] = None
-  max_group_size: int = 4096
-  strict_group_size: bool = False
-  num_expert_replicas: int = 1
-  group_multiple: Optional[int] = None
-  jitter_noise: float = 0.0
-  activations: Sequence[str] = ('gelu', 'linear')
-  expert_dropout_rate: float = 0.0
-  dispatch_method: str = 'gather'
+  config: MoeConfig
   dtype: jnp.dtype = jnp.float32
-
-  def _check_config(self) -> None:
-    if self.num_experts < 1:
-      raise ValueError(f'MoeLayer.num_experts must be >= 1, got {self.num_experts}.')
-    if not 1 <= self.num_selected_experts <= self.num_experts:
-      raise ValueError(f'MoeLayer.num_selected_experts must be in [1, num_experts={self.num_experts}], '
-                       f'got {self.num_selected_experts}.')
-    if self.routing_method not in ROUTING_METHODS:
-      raise ValueError(f'MoeLayer.routing_method must be one of {ROUTING_METHODS}, '
-                       f'got {self.routing_method!r}.')
-    for name in ('train_capacity_factor', 'eval_capacity_factor'):
-      if getattr(self, name) <= 0:
-        raise ValueError(f'MoeLayer.{name} must be > 0, got {getattr(self, name)}.')
-    if self.expert_capacity is not None and self.expert_capacity < 1:
-      raise ValueError(f'MoeLayer.expert_capacity must be >= 1 (or None), got {self.expert_capacity}.')
-    if self.num_expert_replicas < 1:
-      raise ValueError(f'MoeLayer.num_expert_replicas must be >= 1, got {self.num_expert_replicas}.')
-    if self.dropless and self.routing_method == 'experts_choose':
-      raise ValueError('MoeLayer.dropless needs routing_method="tokens_choose" or "sparsemixer": '
-                       'experts-choose has no per-token choices to keep.')
-    if self.dropless_tile_size < 1:
-      raise ValueError(f'MoeLayer.dropless_tile_size must be >= 1, got {self.dropless_tile_size}.')
-    if self.grouped_matmul_method not in dispatch_lib.GROUPED_MATMUL_METHODS:
-      raise ValueError(f'MoeLayer.grouped_matmul_method must be one of '
-                       f'{dispatch_lib.GROUPED_MATMUL_METHODS}, got {self.grouped_matmul_method!r}.')
 
   @nn.compact
   def __call__(self, inputs: Array, padding_mask: Optional[Array] = None, *,
@@ -170,7 +199,10 @@ class MoeLayer(nn.Module):
     Returns:
       <float>[B, L, H] in the inputs' dtype; zeros for dropped and padding tokens.
     """
-    self._check_config()
+    cfg = self.config
+    if cfg.expert_mlp_dim is None or cfg.expert_activations is None:
+      raise ValueError('MoeLayer needs config.expert_mlp_dim and config.expert_activations; build the '
+                       'config with MoeConfig.with_model_defaults(mlp_dim, activations).')
     if not jnp.issubdtype(inputs.dtype, jnp.floating):
       raise TypeError(f'MoeLayer inputs must be floating point, got dtype {inputs.dtype}.')
     if inputs.ndim != 3:
@@ -179,125 +211,56 @@ class MoeLayer(nn.Module):
     if padding_mask is not None and tuple(padding_mask.shape) != (batch, length):
       raise ValueError(f'padding_mask has shape {tuple(padding_mask.shape)} but inputs are '
                        f'[batch, length] = {(batch, length)}; pass one entry per token.')
-    real = (jnp.ones((batch, length), jnp.float32) if padding_mask is None
-            else padding_mask.astype(jnp.float32))
+    if router_logits is not None and router_logits.shape != (batch, length, cfg.num_experts):
+      raise ValueError(f'router_logits has shape {router_logits.shape}; expected [batch, length, '
+                       f'num_experts] = {(batch, length, cfg.num_experts)}.')
 
-    multiple = self.group_multiple or self.num_experts * self.num_expert_replicas
-    num_groups, padded_batch, padded_length = plan_groups(
-        batch, length, self.max_group_size, multiple, self.strict_group_size)
-    pads = ((0, padded_batch - batch), (0, padded_length - length))
-    x = jnp.pad(inputs, pads + ((0, 0),))
-    real = jnp.pad(real, pads)
-    tokens_per_group = padded_batch * padded_length // num_groups
-    x = x.reshape(num_groups, tokens_per_group, hidden)  # [G, T, H]
-    real = real.reshape(num_groups, tokens_per_group)  # [G, T]
+    if cfg.group_by_sequence:  # G = B groups of T = L tokens
+      group_size, multiple = length, 1
+    else:
+      group_size, multiple = cfg.group_size, cfg.group_multiple or cfg.num_experts * cfg.num_expert_replicas
+    x, real, groups = group_tokens(inputs, padding_mask, group_size=group_size, multiple=multiple,
+                                   strict=cfg.strict_group_size)  # [G, T, H], [G, T]
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-
     if router_logits is None:
-      logits = LinearRouter(self.num_experts, self.jitter_noise, name='router')(
+      logits = LinearRouter(cfg.num_experts, cfg.jitter_noise, name='router')(
           x, apply_jitter=enable_dropout)  # [G, T, E] float32
     else:
-      if router_logits.shape != (batch, length, self.num_experts):
-        raise ValueError(f'router_logits has shape {router_logits.shape}; expected [batch, length, '
-                         f'num_experts] = {(batch, length, self.num_experts)}.')
-      logits = jnp.pad(router_logits.astype(jnp.float32), pads + ((0, 0),))
-      logits = logits.reshape(num_groups, tokens_per_group, self.num_experts)
-    probs = jax.nn.softmax(logits, axis=-1)
-    capacity_factor = self.train_capacity_factor if enable_dropout else self.eval_capacity_factor
-    if self.expert_capacity is not None:
-      capacity = self.expert_capacity
+      logits = groups.pad(router_logits.astype(jnp.float32))
+
+    tokens_per_group = x.shape[1]
+    if cfg.expert_capacity is not None:
+      capacity = cfg.expert_capacity
     else:
-      capacity = routing.expert_capacity(tokens_per_group, self.num_experts, capacity_factor,
-                                         self.min_expert_capacity)
+      capacity_factor = cfg.train_capacity_factor if enable_dropout else cfg.eval_capacity_factor
+      capacity = routing.expert_capacity(tokens_per_group, cfg.num_experts, capacity_factor,
+                                         cfg.min_expert_capacity)
     if decode:
       capacity = max(capacity, tokens_per_group)
-    if self.routing_method == 'experts_choose':
-      route = routing.experts_choose(probs, expert_capacity=capacity, padding_mask=real)
-      aux_loss = jnp.zeros((), jnp.float32)
-    else:
-      expert_index, weights, aux_loss = self._token_choices(logits, probs, real, enable_dropout)
-      if not self.dropless:  # for top-k this is exactly routing.tokens_choose
-        route = routing.assign_slots(
-            expert_index, weights, num_experts=self.num_experts, expert_capacity=capacity,
-            priority=weights[..., 0] if self.batch_prioritized_routing else None, padding_mask=real)
+    sample = enable_dropout and cfg.routing_method == 'sparsemixer'
+    decision = route(logits, real, cfg, capacity=capacity, rng=self.make_rng('dropout') if sample else None)
 
-    if self.dropless:
-      y = self._run_dropless_experts(x, expert_index, weights, real, enable_dropout)  # [G, T, H]
-      route_metrics = routing.dropless_metrics(weights, real)
+    kernels = Experts(cfg.num_experts, cfg.expert_mlp_dim, len(cfg.expert_activations), name='expert')(hidden)
+    kernels = {n: k.astype(self.dtype) for n, k in kernels.items()}
+    dropout = nn.Dropout(rate=cfg.expert_dropout_rate)
+    drop = lambda h: dropout(h, deterministic=not enable_dropout)
+    if cfg.dropless:
+      y = self._dropless_experts(x, decision, real, kernels, drop)
+      route_metrics = routing.dropless_metrics(decision.weights, real)
     else:
-      expert_inputs = dispatch_lib.dispatch(x, route, self.dispatch_method)  # [G, E, C, H]
-      expert_outputs = self._run_experts(expert_inputs, enable_dropout)
-      y = dispatch_lib.combine(expert_outputs, route, self.dispatch_method)  # [G, T, H]
-      route_metrics = routing.routing_metrics(route, real)
+      expert_inputs = dispatch_lib.dispatch(x, decision.slots, cfg.dispatch_method)  # [G, E, C, H]
+      expert_outputs = self._capacity_experts(expert_inputs, kernels, drop)
+      y = dispatch_lib.combine(expert_outputs, decision.slots, cfg.dispatch_method)  # [G, T, H]
+      route_metrics = routing.routing_metrics(decision.slots, real)
 
-    metrics = {'auxiliary_loss': aux_loss, 'router_z_loss': routing.router_z_loss(logits, real),
-               **route_metrics}
-    for name in METRIC_NAMES:
+    metrics = {'auxiliary_loss': decision.auxiliary_loss,
+               'router_z_loss': routing.router_z_loss(logits, real), **route_metrics}
+    for name in MOE_METRIC_NAMES:
       self.sow('intermediates', name, metrics[name])
+    return ungroup(y, groups).astype(inputs.dtype)
 
-    y = y.reshape(padded_batch, padded_length, hidden)[:batch, :length]
-    return y.astype(inputs.dtype)
-
-  def _token_choices(self, logits: Array, probs: Array, real: Array, enable_dropout: bool
-                     ) -> tuple[Array, Array, Array]:
-    """Each token's k experts: <int32>[G, T, k], combine weights <float32>[G, T, k], aux loss."""
-    k = self.num_selected_experts
-    if self.routing_method == 'tokens_choose':
-      weights, expert_index = jax.lax.top_k(probs, k)  # ties -> lower expert index
-      expert_index = expert_index.astype(jnp.int32)
-      return expert_index, weights, routing.load_balancing_loss(probs, expert_index, real)
-    rng = self.make_rng('dropout') if enable_dropout else None  # sampling only in training
-    expert_index, weights = routing.sparsemixer(logits, num_selected_experts=k,
-                                                jitter_eps=self.sparsemixer_eps, rng=rng)
-    # GRIN's balance loss counts the deterministic top-k of the full softmax, not the samples, and over
-    # the whole batch ("global"), not per group: one group of G·T tokens.
-    top_index = jax.lax.top_k(probs, k)[1]
-    aux_loss = routing.load_balancing_loss(probs.reshape(1, -1, self.num_experts),
-                                           top_index.reshape(1, -1, k), real.reshape(1, -1))
-    return expert_index, weights, aux_loss
-
-  def _expert_mlp(self, enable_dropout: bool) -> tuple:
-    """The experts: one MlpBlock vmapped over the 'expert' axis (params [E, ...]), and its module."""
-    experts = nn.vmap(
-        lambda mlp, h: mlp(h, enable_dropout=enable_dropout),
-        variable_axes={'params': 0},
-        split_rngs={'params': True, 'dropout': True},
-        in_axes=0, out_axes=0,
-        metadata_params={nn.PARTITION_NAME: 'expert'})
-    mlp = MlpBlock(self.intermediate_dim, self.activations, self.expert_dropout_rate, self.dtype,
-                   input_axis_name='mlp_embed', intermediate_axis_name='expert_mlp', name='expert')
-    return experts, mlp
-
-  def _run_dropless_experts(self, x: Array, expert_index: Array, weights: Array, real: Array,
-                            enable_dropout: bool) -> Array:
-    """Every (token, choice) through its expert: x [G, T, H], expert_index / weights [G, T, k] -> [G, T, H].
-
-    The choices are sorted by expert into R rows (dispatch.dropless_layout), the expert MLP runs as grouped
-    matmuls over the rows, and the rows are combined back with the weights. Padding tokens get no row.
-    """
-    num_groups, tokens_per_group, hidden = x.shape
-    experts, mlp = self._expert_mlp(enable_dropout=False)
-    # Run on no tokens: declares the expert parameters exactly as the capacity path does (names, init,
-    # partitioning), so checkpoints and tests move freely between the two paths.
-    experts(mlp, jnp.zeros((self.num_experts, 0, hidden), self.dtype))
-    kernels = nn.unbox(mlp.variables['params'])
-    layout = dispatch_lib.dropless_layout(expert_index, self.num_experts, real, self.dropless_tile_size)
-    rows = dispatch_lib.dropless_dispatch(x.astype(self.dtype), layout)  # [R, H]
-    names = input_projection_names(len(self.activations))
-    projections = dispatch_lib.grouped_matmuls(
-        rows, [kernels[name]['kernel'].astype(self.dtype) for name in names], layout,
-        self.grouped_matmul_method)  # each [R, F]
-    hidden_rows = None
-    for h, act in zip(projections, self.activations):
-      h = ACTIVATIONS[act](h)
-      hidden_rows = h if hidden_rows is None else hidden_rows * h
-    hidden_rows = nn.Dropout(rate=self.expert_dropout_rate)(hidden_rows, deterministic=not enable_dropout)
-    out = dispatch_lib.grouped_matmul(hidden_rows, kernels['wo']['kernel'].astype(self.dtype), layout,
-                                      self.grouped_matmul_method)  # [R, H]
-    return dispatch_lib.dropless_combine(out, weights, layout)
-
-  def _run_experts(self, expert_inputs: Array, enable_dropout: bool) -> Array:
-    """[G, E, C, H] → [G, E, C, H]: each expert's MLP on its G·C buffer rows.
+  def _capacity_experts(self, expert_inputs: Array, kernels: dict[str, Array], drop) -> Array:
+    """[G, E, C, H] → [G, E, C, H]: each expert's FFN on its G·C buffer rows.
 
     The transpose to expert-major order under sharding constraints is where XLA places the all-to-all
     between token groups (sharded over 'batch') and experts (sharded over 'expert').
@@ -306,10 +269,23 @@ class MoeLayer(nn.Module):
     x = nn.with_logical_constraint(expert_inputs, ('batch', 'unmodeled', 'length', 'embed'))
     x = jnp.swapaxes(x, 0, 1).reshape(num_experts, num_groups * capacity, hidden)
     x = nn.with_logical_constraint(x, ('expert', 'expert_replicas', 'mlp_embed'))
-
-    experts, mlp = self._expert_mlp(enable_dropout)
-    y = experts(mlp, x)  # [E, G·C, H]
-
+    y = gated_ffn(x.astype(self.dtype), kernels, self.config.expert_activations, matmul=batched_matmul,
+                  dropout=drop)  # [E, G·C, H]
     y = nn.with_logical_constraint(y, ('expert', 'expert_replicas', 'mlp_embed'))
     y = jnp.swapaxes(y.reshape(num_experts, num_groups, capacity, hidden), 0, 1)
     return nn.with_logical_constraint(y, ('batch', 'unmodeled', 'length', 'embed'))
+
+  def _dropless_experts(self, x: Array, decision: Route, real: Array, kernels: dict[str, Array],
+                        drop) -> Array:
+    """Every (token, choice) through its expert: x [G, T, H] -> [G, T, H].
+
+    The choices are sorted by expert into R rows (dispatch.dropless_layout), the FFN runs as grouped
+    matmuls over the rows, and the rows are combined back with the weights. Padding tokens get no row.
+    """
+    cfg = self.config
+    layout = dispatch_lib.dropless_layout(decision.expert_index, cfg.num_experts, real,
+                                          cfg.dropless_tile_size)
+    rows = dispatch_lib.dropless_dispatch(x.astype(self.dtype), layout)  # [R, H]
+    grouped = lambda r, ks: list(dispatch_lib.grouped_matmuls(r, ks, layout, cfg.grouped_matmul_method))
+    out = gated_ffn(rows, kernels, cfg.expert_activations, matmul=grouped, dropout=drop)  # [R, H]
+    return dispatch_lib.dropless_combine(out, decision.weights, layout)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from st_moe_jax import dispatch, routing
+from st_moe_jax.config import MoeConfig
 from st_moe_jax.moe import MoeLayer
 
 B, L, H, F, E = 2, 8, 8, 16, 4
@@ -96,8 +97,9 @@ def test_weight_gradient_is_not_materialised_per_tile():
 # The layer against a direct dense computation
 
 def _layer(**overrides):
-  config = dict(num_experts=E, intermediate_dim=F, group_multiple=1, dropless=True, dropless_tile_size=4)
-  return MoeLayer(**(config | overrides))
+  config = dict(num_experts=E, expert_mlp_dim=F, expert_activations=('gelu', 'linear'), group_multiple=1,
+                dropless=True, dropless_tile_size=4)
+  return MoeLayer(MoeConfig(**(config | overrides)))
 
 
 @pytest.fixture(scope='module')

@@ -12,6 +12,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
+from st_moe_jax.config import MoeConfig
 from st_moe_jax import data, decoding, lory, models
 from tasks import common
 from tasks import lory_batching
@@ -40,7 +41,7 @@ def test_causal_segment_weights():
   # The paper's stop-gradient: segment 1's own weights pass no gradient.
   grad = jax.grad(lambda p: lory.causal_segment_weights(p, 'self_stopgrad')[0, 0, 0])(jnp.asarray(probs))
   assert float(jnp.abs(grad).sum()) == 0.0
-  with pytest.raises(ValueError, match='lory_first_segment'):
+  with pytest.raises(ValueError, match='first_segment'):
     lory.causal_segment_weights(probs, 'prefix')
 
 
@@ -53,7 +54,8 @@ def test_merge_experts():
 # The layer against a direct reference.
 
 H, F, E, T = 4, 6, 3, 2
-LAYER = lory.LoryMoeLayer(num_experts=E, intermediate_dim=F, segment_length=T, activations=('relu',))
+LAYER = lory.LoryMoeLayer(MoeConfig(moe_type='lory', num_experts=E, expert_mlp_dim=F, segment_length=T,
+                                    expert_activations=('relu',)))
 X = np.linspace(-1.0, 1.0, 2 * 5 * H, dtype=np.float32).reshape(2, 5, H)  # L = 5: a short last segment
 
 
@@ -255,6 +257,12 @@ def test_config_errors():
     models.MoeConfig(moe_type='lory', router='recurrent')
   with pytest.raises(ValueError, match='MoeConfig.lory_first_segment'):
     models.MoeConfig(lory_first_segment='prefix')
+  # Settings only routed layers read are an error with Lory, not silently ignored.
+  for setting in (dict(jitter_noise=0.1), dict(train_capacity_factor=2.0), dict(expert_capacity=4),
+                  dict(routing_method='sparsemixer'), dict(dropless=True), dict(num_selected_experts=1)):
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f'moe_type="lory".*ignores {name}='):
+      models.MoeConfig(moe_type='lory', **setting)
   with pytest.raises(ValueError, match='MoeConfig.segment_length'):
     models.MoeConfig(segment_length=0)
   with pytest.raises(ValueError, match='MoeConfig.moe_type'):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from st_moe_jax.config import MoeConfig
 from st_moe_jax import losses
 from st_moe_jax.moe import MoeLayer
 
@@ -94,7 +95,9 @@ class _TwoMoeLayers(nn.Module):
   @nn.compact
   def __call__(self, x):
     for i in range(2):
-      x = x + MoeLayer(num_experts=4, intermediate_dim=8, group_multiple=1, name=f'layers_{i}')(
+      x = x + MoeLayer(MoeConfig(num_experts=4, expert_mlp_dim=8, expert_activations=('gelu', 'linear'),
+                                 group_multiple=1),
+                       name=f'layers_{i}')(
           x, enable_dropout=False)
     return x
 

@@ -51,8 +51,8 @@ def test_sparse_layer_indices_errors(layers, sparse, layout, match):
 
 
 def test_bad_configs_fail_at_construction():
-  with pytest.raises(ValueError, match='encoder_moe.*Unknown sparse layout'):
-    models.EncoderDecoder(CONFIG, models.MoeConfig(num_sparse_layers=1, sparse_layout='SOMETIMES'))
+  with pytest.raises(ValueError, match='MoeConfig.sparse_layout.*SOMETIMES.*SPARSE_LAYOUT'):
+    models.MoeConfig(num_sparse_layers=1, sparse_layout='SOMETIMES')
   with pytest.raises(ValueError, match='decoder_moe.*does not fit'):
     models.EncoderDecoder(CONFIG, None, models.MoeConfig(num_sparse_layers=3))
   with pytest.raises(ValueError, match='batch_prioritized_routing.*future'):

@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 
 from st_moe_jax import moe
+from st_moe_jax.config import MoeConfig
+from st_moe_jax.losses import MOE_METRIC_NAMES
 from st_moe_jax.moe import MoeLayer
 
 B, L, H, F, E = 2, 6, 8, 16, 4
 RNGS = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}
 
 
-def _layer(**overrides):
-  config = dict(num_experts=E, intermediate_dim=F, group_multiple=1)
-  return MoeLayer(**(config | overrides))
+def _layer(dtype=jnp.float32, **overrides):
+  config = dict(num_experts=E, expert_mlp_dim=F, expert_activations=('gelu', 'linear'), group_multiple=1)
+  return MoeLayer(MoeConfig(**(config | overrides)), dtype)
 
 
 @pytest.fixture(scope='module')
@@ -58,7 +60,7 @@ def test_plan_groups_pads_the_cheaper_dimension():
 
 def test_plan_groups_strict_raises_with_sizes():
   assert moe.plan_groups(4, 8, 8, multiple=4, strict=True) == (4, 4, 8)
-  with pytest.raises(ValueError, match=r'3x5 = 15 tokens.*max_group_size=4'):
+  with pytest.raises(ValueError, match=r'3x5 = 15 tokens.*group_size=4'):
     moe.plan_groups(3, 5, 4, multiple=1, strict=True)
 
 
@@ -79,7 +81,7 @@ def test_parameter_names_shapes_and_logical_axes(variables):
   # Experts are initialised independently.
   wi = params['expert']['wi_0']['kernel']
   assert not np.allclose(wi[0], wi[1])
-  relu = _layer(activations=('relu',)).init(RNGS, jnp.ones((B, L, H)), enable_dropout=False)
+  relu = _layer(expert_activations=('relu',)).init(RNGS, jnp.ones((B, L, H)), enable_dropout=False)
   assert set(nn.unbox(relu)['params']['expert']) == {'wi', 'wo'}
 
 
@@ -134,7 +136,7 @@ def test_gather_and_einsum_layers_agree_in_outputs_and_gradients(variables, inpu
 def test_metrics_are_sown_with_t5x_names(variables, inputs):
   _, state = _apply(_layer(), variables, inputs)
   metrics = state['intermediates']
-  assert set(metrics) == set(moe.METRIC_NAMES)
+  assert set(metrics) == set(MOE_METRIC_NAMES)
   for name, value in metrics.items():
     assert value[0].shape == () and value[0].dtype == jnp.float32, name
   assert 1.0 <= float(metrics['auxiliary_loss'][0]) <= 2.0 * E  # about k near balance
@@ -160,14 +162,14 @@ def test_padding_is_neither_routed_nor_influential(variables, inputs):
   y_noisy, state_noisy = _apply(layer, variables, noisy, mask, enable_dropout=True)
   np.testing.assert_array_equal(np.asarray(y)[np.asarray(mask) == 0], 0.0)
   np.testing.assert_allclose(y, y_noisy, rtol=1e-6, atol=1e-6)
-  for name in moe.METRIC_NAMES:
+  for name in MOE_METRIC_NAMES:
     np.testing.assert_allclose(state['intermediates'][name][0], state_noisy['intermediates'][name][0],
                                rtol=1e-6)
 
 
 def test_layer_pads_tokens_to_a_valid_grouping():
   x = jax.random.normal(jax.random.PRNGKey(3), (3, 5, H))  # 15 tokens; groups must be a multiple of E=4
-  layer = MoeLayer(num_experts=E, intermediate_dim=F, eval_capacity_factor=float(E))
+  layer = _layer(group_multiple=None, eval_capacity_factor=float(E))
   variables = layer.init(RNGS, x, enable_dropout=False)
   y, state = _apply(layer, variables, x)
   assert y.shape == x.shape
@@ -215,8 +217,8 @@ def test_bfloat16_experts_keep_a_float32_router(variables, inputs):
     (dict(train_capacity_factor=0.0), ValueError, 'train_capacity_factor'),
     (dict(eval_capacity_factor=-1.0), ValueError, 'eval_capacity_factor'),
     (dict(routing_method='random'), ValueError, 'routing_method'),
-    (dict(dispatch_method='scatter'), ValueError, 'dispatch method'),
-    (dict(strict_group_size=True, max_group_size=5), ValueError, 'strict_group_size'),
+    (dict(dispatch_method='scatter'), ValueError, 'dispatch_method'),
+    (dict(strict_group_size=True, group_size=5), ValueError, 'strict_group_size'),
 ])
 def test_bad_configuration_gets_a_clear_error(overrides, error, match):
   with pytest.raises(error, match=match):

@@ -11,6 +11,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from st_moe_jax.config import MoeConfig
 from st_moe_jax import losses, optim, partitioning
 from st_moe_jax.layers import Dense
 from st_moe_jax.moe import MoeLayer
@@ -82,9 +83,9 @@ class TinyMoeModel(nn.Module):
   @nn.compact
   def __call__(self, x):
     h = Dense(8, ('unmodeled', 'embed'), name='dense_in')(x)
-    h = h + MoeLayer(num_experts=NUM_EXPERTS, intermediate_dim=8, num_selected_experts=2,
-                     max_group_size=4, group_multiple=8, train_capacity_factor=4.0, min_expert_capacity=1,
-                     name='moe')(h, enable_dropout=True)
+    h = h + MoeLayer(MoeConfig(
+        num_experts=NUM_EXPERTS, expert_mlp_dim=8, expert_activations=('gelu', 'linear'), num_selected_experts=2,
+        group_size=4, group_multiple=8, train_capacity_factor=4.0, min_expert_capacity=1), name='moe')(h, enable_dropout=True)
     return Dense(VOCAB, ('embed', 'vocab'), name='dense_out')(h)
 
 

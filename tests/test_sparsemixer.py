@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from st_moe_jax.config import MoeConfig
 from st_moe_jax import routing
 from st_moe_jax.moe import MoeLayer
 
@@ -214,8 +215,9 @@ def test_layer_balance_loss_is_phimoes_global_switch_loss():
   logits = np.random.default_rng(5).normal(size=(b, length, E)).astype(np.float32) * 2.0
   mask = np.ones((b, length), np.float32)
   mask[0, 4:] = 0
-  layer = MoeLayer(num_experts=E, intermediate_dim=8, routing_method='sparsemixer', group_multiple=1,
-                   max_group_size=length)  # two groups: the loss must still be global
+  layer = MoeLayer(MoeConfig(num_experts=E, expert_mlp_dim=8, expert_activations=('gelu', 'linear'),
+                             routing_method='sparsemixer', group_multiple=1,
+                             group_size=length))  # two groups: the loss must still be global
   x = jnp.ones((b, length, hidden))
   variables = layer.init(jax.random.PRNGKey(0), x, router_logits=jnp.asarray(logits), enable_dropout=False)
   for enable_dropout in (False, True):  # training samples experts but the loss uses the top-k
