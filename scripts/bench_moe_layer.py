@@ -30,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from st_moe_jax.layers import MlpBlock  # noqa: E402
+from st_moe_jax.config import MoeConfig  # noqa: E402
 from st_moe_jax.moe import MoeLayer  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def parse_args(argv=None):
   parser.add_argument('--skip_einsum', action='store_true', help='do not time the einsum reference')
   parser.add_argument('--skip_dropless', action='store_true', help='do not time dropless routing')
   parser.add_argument('--dropless_tile', type=int, default=None,
-                      help='rows per grouped-matmul tile (default: MoeLayer.dropless_tile_size)')
+                      help='rows per grouped-matmul tile (default: MoeConfig.dropless_tile_size)')
   return parser.parse_args(argv)
 
 
@@ -98,9 +99,10 @@ def bench_one(num_experts, args):
   rngs = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(3)}
 
   def moe_layer(method, **overrides):
-    return MoeLayer(num_experts=num_experts, intermediate_dim=args.d_ff, num_selected_experts=args.k,
-                    train_capacity_factor=capacity_factor, max_group_size=args.group_size, group_multiple=1,
-                    activations=activations, dispatch_method=method, dtype=dtype, **overrides)
+    config = MoeConfig(num_experts=num_experts, expert_mlp_dim=args.d_ff, expert_activations=activations,
+                       num_selected_experts=args.k, train_capacity_factor=capacity_factor,
+                       group_size=args.group_size, group_multiple=1, dispatch_method=method, **overrides)
+    return MoeLayer(config, dtype)
 
   result = {'num_experts': num_experts, 'tokens': args.batch * args.length, 'd_model': args.d_model,
             'd_ff': args.d_ff, 'k': args.k, 'capacity_factor': capacity_factor, 'dtype': args.dtype}
