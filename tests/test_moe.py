@@ -191,11 +191,59 @@ def test_jitter_and_expert_dropout_only_in_training(variables, inputs):
   assert not np.allclose(y_train_a, y_train_b)
 
 
-def test_experts_choose_layer_runs_and_has_no_aux_loss(variables, inputs):
+def _numpy_router(params, x):
+  """float64 router probabilities and logits of every token: ([N, E], [N, E]), N = B·L."""
+  w_router = np.asarray(nn.unbox(params)['router']['router_weights']['w']['kernel'], np.float64)
+  logits = np.asarray(x, np.float64).reshape(-1, x.shape[-1]) @ w_router
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  return probs / probs.sum(-1, keepdims=True), logits
+
+
+def _numpy_experts(params, tokens):
+  """Every expert's GEGLU FFN on every token, float64: [N, H] -> [E, N, H]."""
+  params = nn.unbox(params)
+  wi0, wi1, wo = (np.asarray(params['expert'][n]['kernel'], np.float64) for n in ('wi_0', 'wi_1', 'wo'))
+  gelu = lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
+  return np.stack([(gelu(tokens @ wi0[e]) * (tokens @ wi1[e])) @ wo[e] for e in range(wi0.shape[0])])
+
+
+def test_layer_losses_match_a_direct_numpy_computation(variables, inputs):
+  """Each row is a group (group_size = L), row 0 has padding: z-loss over real tokens, the auxiliary loss
+  E · Σ_e f_e · P_e per group over its real tokens (f counts top-2 membership), averaged over groups."""
+  mask = np.ones((B, L), np.float32)
+  mask[0, 4:] = 0
+  _, state = _apply(_layer(group_size=L), variables, inputs, jnp.asarray(mask))
+  probs, logits = _numpy_router(variables['params'], inputs)
+  real = mask.reshape(-1) > 0
+  log_z = np.log(np.exp(logits).sum(-1))
+  np.testing.assert_allclose(state['intermediates']['router_z_loss'][0], np.mean(log_z[real] ** 2),
+                             rtol=1e-5)
+  per_group = []
+  for g in range(B):
+    rows = np.arange(g * L, (g + 1) * L)[real[g * L:(g + 1) * L]]
+    top2 = np.argsort(-probs[rows], axis=-1, kind='stable')[:, :2]
+    f = np.array([np.mean([e in choice for choice in top2]) for e in range(E)])
+    per_group.append(E * np.sum(f * probs[rows].mean(0)))
+  np.testing.assert_allclose(state['intermediates']['auxiliary_loss'][0], np.mean(per_group), rtol=1e-5)
+
+
+def test_experts_choose_layer_matches_a_direct_computation(variables, inputs):
+  """One group of 12 tokens, C = round(2.0 · 12 / 4) = 6: every expert takes its 6 most probable tokens
+  (ties: lower token first); a token's output sums p_te · expert_e(x_t) over the experts that took it."""
   y, state = _apply(_layer(routing_method='experts_choose'), variables, inputs)
-  assert y.shape == inputs.shape
   assert float(state['intermediates']['auxiliary_loss'][0]) == 0.0
   assert float(state['intermediates']['expert_usage'][0]) == 1.0  # every slot filled: C <= T
+  probs, _ = _numpy_router(variables['params'], inputs)
+  tokens = np.asarray(inputs, np.float64).reshape(-1, H)
+  expert_out = _numpy_experts(variables['params'], tokens)
+  expected = np.zeros_like(tokens)
+  for e in range(E):
+    for t in np.argsort(-probs[:, e], kind='stable')[:6]:
+      expected[t] += probs[t, e] * expert_out[e, t]
+  np.testing.assert_allclose(y, expected.reshape(inputs.shape), rtol=2e-5, atol=2e-6)
+  left_behind = np.mean([not any(t in np.argsort(-probs[:, e], kind='stable')[:6] for e in range(E))
+                         for t in range(B * L)])
+  np.testing.assert_allclose(state['intermediates']['fraction_tokens_left_behind'][0], left_behind)
 
 
 def test_bfloat16_experts_keep_a_float32_router(variables, inputs):
