@@ -8,14 +8,17 @@ Semantics are `../shared/reference/routing.md` §9. The optimizer reads top to b
   scale_by_learning_rate     u ← −lr · u
   [ema]                      optional momentum on the step, as t5x's beta1
 
-Expert kernels [E, H, F] / [E, F, H] carry a batch axis E: each expert is its own tensor for Adafactor, with
-its own row/column statistics, parameter scale and clipping. Which axes are batch axes comes from the
-parameters' logical axis names (`factor_rules`), so the model never tells the optimizer about experts.
+Which axes are factored, and which are batch axes, comes from the parameters' logical axis names, as t5x's
+`logical_factor_rules` (`LOGICAL_FACTOR_RULES`, `factor_rules`): 'embed' is the row, 'heads' / 'kv' / 'mlp' /
+'vocab' / 'expert_mlp' are columns, and 'expert' is a batch axis, so each expert of an [E, H, F] kernel is its
+own tensor for Adafactor, with its own statistics, parameter scale and clipping. The model never tells the
+optimizer about experts.
 """
 
 import dataclasses
+import enum
 import re
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -25,15 +28,51 @@ import optax
 Array = jax.Array
 PyTree = Any
 
-# Logical axes that stack independent tensors: experts, and scanned or stacked layers.
-BATCH_AXIS_NAMES = ('expert', 'layers', 'stack')
-
 # Parameters ST-MoE keeps frozen when fine-tuning (§4.2 of the paper): experts and routers.
 MOE_PARAM_PATTERNS = (r'(^|/)expert/', r'(^|/)router/')
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Factor rules: which axes of each parameter are batch axes.
+# Factor rules: which axes of each parameter are factored (rows, columns) and which are batch axes.
+
+
+class FactorDim(enum.Enum):
+  """What one logical axis is to Adafactor (t5x's adafactor.FactorDim)."""
+  NONE = 'none'      # kept whole: a tensor with such an axis is not factored
+  BATCH = 'batch'    # stacks independent tensors: never factored, never averaged over
+  ROW = 'row'        # v_row keeps the row axes (it is the mean of g² over the columns)
+  COLUMN = 'column'  # v_col keeps the column axes (the mean over the rows)
+
+
+# Logical axis name -> FactorDim: t5x's adafactor.standard_logical_factor_rules() updated with
+# t5x/contrib/moe/adafactor_utils.logical_factor_rules() (expert, expert_mlp, unmodeled), plus 'mlp_embed',
+# the model axis of expert kernels: t5x's tables have no entry for it, and it plays 'embed' (flaxformer's
+# moe.gin gives expert kernels input_axis_name='embed', a ROW, in some versions, 'mlp_embed' in others).
+LOGICAL_FACTOR_RULES: Mapping[str, FactorDim] = {
+    # t5x standard rules.
+    'vocab': FactorDim.COLUMN,
+    'embed': FactorDim.ROW,
+    'mlp': FactorDim.COLUMN,
+    'heads': FactorDim.COLUMN,
+    'kv': FactorDim.COLUMN,
+    'joined_kv': FactorDim.COLUMN,
+    'relpos_buckets': FactorDim.NONE,
+    'layers': FactorDim.BATCH,  # scanned layers
+    'stack': FactorDim.BATCH,   # stacked parameters
+    'q_wi_fused': FactorDim.COLUMN,
+    'o_wo_fused': FactorDim.COLUMN,
+    'multiquery_heads': FactorDim.COLUMN,
+    'kv_fused': FactorDim.COLUMN,
+    'layer_norm_scale': FactorDim.NONE,
+    'mlp_activations': FactorDim.COLUMN,
+    # t5x MoE rules.
+    'expert': FactorDim.BATCH,
+    'expert_mlp': FactorDim.COLUMN,
+    'unmodeled': FactorDim.NONE,
+    # Ours (see above).
+    'mlp_embed': FactorDim.ROW,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class FactorRule:
@@ -42,11 +81,46 @@ class FactorRule:
   Attributes:
     batch_axes: axes indexing independent tensors (the leading 'expert' axis of expert kernels). They are
       never factored and never averaged over: statistics, parameter scale and clipping are per index.
+    row_axes, col_axes: the factored axes. v_row keeps the row axes (mean of g² over the columns), v_col the
+      column axes. Both () means full statistics. None (both) means t5x's size heuristic picks one row and
+      one column axis from the non-batch axes (`factored_axes`).
   """
   batch_axes: tuple[int, ...] = ()
+  row_axes: Optional[tuple[int, ...]] = None
+  col_axes: Optional[tuple[int, ...]] = None
 
 
 FactorRules = Union[None, PyTree, Callable[[PyTree], PyTree]]
+
+
+def rule_for_axes(logical_axes: Sequence[Optional[str]],
+                  logical_factor_rules: Mapping[str, FactorDim] = LOGICAL_FACTOR_RULES) -> FactorRule:
+  """The FactorRule of a parameter with these logical axis names, as t5x's Adafactor decides it.
+
+  t5x (Adafactor.set_param_axes and _parse_rule), in order:
+    1. A parameter of rank <= 2 without batch axes (dense kernels, embeddings, scales, biases) ignores its
+       names and uses the size heuristic: factored iff its smaller dimension is >= min_dim_size_to_factor.
+    2. Otherwise the names decide, with no size threshold: every ROW axis is a row and every COLUMN axis a
+       column, so an attention kernel ('embed', 'heads', 'kv') is the matrix [embed, heads·kv]: v_row is
+       [embed], v_col is [heads, kv]. Without both a ROW and a COLUMN axis nothing is factored (batch axes
+       still count); ROW and COLUMN with a NONE axis beside them is an error.
+  Names with no rule (None, or not in the table) send the parameter to the heuristic (t5x raises instead),
+  keeping the batch axes that are named.
+
+  Example: ('expert', 'mlp_embed', 'expert_mlp') -> FactorRule(batch_axes=(0,), row_axes=(1,), col_axes=(2,)).
+  """
+  dims = [logical_factor_rules.get(name) if isinstance(name, str) else None for name in logical_axes]
+  batch_axes = tuple(i for i, d in enumerate(dims) if d is FactorDim.BATCH)
+  if (len(dims) <= 2 and not batch_axes) or None in dims:
+    return FactorRule(batch_axes)
+  row_axes = tuple(i for i, d in enumerate(dims) if d is FactorDim.ROW)
+  col_axes = tuple(i for i, d in enumerate(dims) if d is FactorDim.COLUMN)
+  if not row_axes or not col_axes:
+    return FactorRule(batch_axes, (), ())
+  if FactorDim.NONE in dims:
+    raise ValueError(f'Incomplete Adafactor factoring for logical axes {tuple(logical_axes)}: rows and '
+                     f'columns beside an unfactored axis ({dims}).')
+  return FactorRule(batch_axes, row_axes, col_axes)
 
 
 def _logical_spec(leaf: Any) -> jax.sharding.PartitionSpec:
@@ -54,27 +128,25 @@ def _logical_spec(leaf: Any) -> jax.sharding.PartitionSpec:
     return leaf
   if isinstance(leaf, nn.meta.Partitioned):  # LogicallyPartitioned from nn.with_logical_partitioning
     return leaf.get_partition_spec()
-  return jax.sharding.PartitionSpec()  # no metadata: nothing is a batch axis
+  return jax.sharding.PartitionSpec()  # no metadata: the heuristic, no batch axes
 
 
-def factor_rules(logical_axes: PyTree, batch_axis_names: Sequence[str] = BATCH_AXIS_NAMES) -> PyTree:
-  """Per-parameter FactorRules from logical axis names.
+def factor_rules(logical_axes: PyTree,
+                 logical_factor_rules: Mapping[str, FactorDim] = LOGICAL_FACTOR_RULES) -> PyTree:
+  """Per-parameter FactorRules from logical axis names (`rule_for_axes`).
 
   Args:
     logical_axes: the boxed parameters (as `model.init` or `jax.eval_shape(model.init, ...)` return them,
       with `nn.LogicallyPartitioned` leaves) or their logical specs (`nn.get_partition_spec(boxed)`).
-    batch_axis_names: logical names that mark batch axes.
+    logical_factor_rules: logical axis name -> FactorDim.
 
   Returns:
-    The parameters' tree (unboxed structure) with a FactorRule per leaf; e.g. FactorRule((0,)) for an
-    expert kernel with axes ('expert', 'mlp_embed', 'expert_mlp').
+    The parameters' tree (unboxed structure) with a FactorRule per leaf; e.g. FactorRule((0,), (1,), (2,))
+    for an expert kernel with axes ('expert', 'mlp_embed', 'expert_mlp').
   """
-  def rule(leaf):
-    spec = _logical_spec(leaf)
-    return FactorRule(tuple(i for i, name in enumerate(spec) if name in batch_axis_names))
-
   is_leaf = lambda x: isinstance(x, (jax.sharding.PartitionSpec, nn.meta.Partitioned))
-  return jax.tree.map(rule, logical_axes, is_leaf=is_leaf)
+  return jax.tree.map(lambda leaf: rule_for_axes(tuple(_logical_spec(leaf)), logical_factor_rules),
+                      logical_axes, is_leaf=is_leaf)
 
 
 def _resolve_rules(rules: FactorRules, params: PyTree) -> PyTree:
@@ -106,17 +178,40 @@ def _free_axes(ndim: int, rule: FactorRule) -> tuple[int, ...]:
   return tuple(a for a in range(ndim) if a not in rule.batch_axes)
 
 
-def factored_axes(shape: Sequence[int], rule: FactorRule,
-                  min_dim_size_to_factor: int = 128) -> Optional[tuple[int, int]]:
-  """The (second-largest, largest) non-batch axes to factor over, or None to keep full statistics.
+def factored_axes(shape: Sequence[int], rule: FactorRule, min_dim_size_to_factor: int = 128
+                  ) -> Optional[tuple[tuple[int, ...], tuple[int, ...]]]:
+  """(row_axes, col_axes) to factor over, or None to keep full statistics.
 
-  A tensor is factored when its two largest non-batch dimensions are both ≥ min_dim_size_to_factor
-  (t5x's heuristic, applied per expert for expert kernels).
+  A rule with named rows and columns is used as it is, whatever the sizes (t5x applies no threshold then).
+  Otherwise t5x's heuristic: the second-largest non-batch axis is the row and the largest the column (ties
+  keep axis order), factored only if the row has at least min_dim_size_to_factor entries.
   """
-  by_size = sorted(_free_axes(len(shape), rule), key=lambda a: shape[a])  # stable: ties keep axis order
+  if rule.row_axes is not None:
+    return (rule.row_axes, rule.col_axes) if rule.row_axes and rule.col_axes else None
+  by_size = sorted(_free_axes(len(shape), rule), key=lambda a: shape[a])  # stable, as np.argsort here
   if len(by_size) < 2 or shape[by_size[-2]] < min_dim_size_to_factor:
     return None
-  return by_size[-2], by_size[-1]
+  return (by_size[-2],), (by_size[-1],)
+
+
+class Factoring(NamedTuple):
+  """How a factored parameter is factored: v_row keeps row_axes, v_col keeps col_axes, per batch index."""
+  row_axes: tuple[int, ...]
+  col_axes: tuple[int, ...]
+  batch_axes: tuple[int, ...]
+
+
+def factoring(logical_axes: Sequence[Optional[str]], shape: Sequence[int],
+              min_dim_size_to_factor: int = 128,
+              logical_factor_rules: Mapping[str, FactorDim] = LOGICAL_FACTOR_RULES) -> Optional[Factoring]:
+  """The factoring Adafactor uses for a parameter of these logical axes and shape; None: full statistics.
+
+  E.g. ('embed', 'heads', 'kv') [768, 12, 64] -> Factoring(row_axes=(0,), col_axes=(1, 2), batch_axes=());
+  ('embed',) [768] -> None.
+  """
+  rule = rule_for_axes(logical_axes, logical_factor_rules)
+  axes = factored_axes(shape, rule, min_dim_size_to_factor)
+  return None if axes is None else Factoring(axes[0], axes[1], rule.batch_axes)
 
 
 def _block_rms(x: Array, rule: FactorRule) -> Array:
@@ -134,9 +229,9 @@ class FactoredRmsState(NamedTuple):
 
   Attributes:
     count: <int32>[] updates so far.
-    v_row: factored parameters: <float32> the parameter's shape with its largest non-batch axis set to 1
-      (means of g² over that axis; keepdims, so the statistic shards like its parameter); others [].
-    v_col: likewise, the mean over the second-largest non-batch axis.
+    v_row: factored parameters: <float32> the parameter's shape with its column axes set to 1 (means of g²
+      over the columns; keepdims, so the statistic shards like its parameter); others [].
+    v_col: likewise with the row axes set to 1 (means over the rows).
     v: unfactored parameters: <float32> the parameter's shape; factored ones <float32>[].
   """
   count: Array
@@ -156,8 +251,8 @@ def _field(tree: PyTree, name: str) -> PyTree:
   return jax.tree.map(lambda out: getattr(out, name), tree)
 
 
-def _with_size_one(shape: Sequence[int], axis: int) -> tuple[int, ...]:
-  return tuple(1 if a == axis else d for a, d in enumerate(shape))
+def _with_size_one(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, ...]:
+  return tuple(1 if a in axes else d for a, d in enumerate(shape))
 
 
 def decay_rate_pow(count: Array, decay_rate: float = 0.8) -> Array:
@@ -171,15 +266,17 @@ def scale_by_factored_rms(rules: FactorRules = None, *, decay_rate: float = 0.8,
                           min_dim_size_to_factor: int = 128) -> optax.GradientTransformation:
   """u = g / √v̂ with Adafactor's second-moment estimate v̂ of g² + ε₁.
 
-  Factored parameters (see `factored_axes`) keep a row statistic R (mean over the largest axis) and a
-  column statistic C (mean over the second largest); v̂ = R·C / mean(R), computed per batch index.
+  Factored parameters (see `factored_axes`) keep a row statistic R (mean over the column axes) and a
+  column statistic C (mean over the row axes); v̂ = R·C / mean(R), computed per batch index.
 
   Args:
-    rules: FactorRules per parameter (`factor_rules`), a callable params → rules, or None (no batch axes).
+    rules: FactorRules per parameter (`factor_rules`), a callable params → rules, or None (t5x's heuristic
+      for every parameter, no batch axes).
     decay_rate: β₂ₜ = 1 − (t − step_offset + 1)^−decay_rate.
     step_offset: restart the decay schedule at this step (t5x's fine-tuning option).
     epsilon1: added to g² (ε₁).
-    min_dim_size_to_factor: factor only if the two largest non-batch dims are at least this.
+    min_dim_size_to_factor: the heuristic factors only if the two largest non-batch dims are at least this
+      (parameters whose rows and columns come from logical names are factored whatever their size).
   """
   def init_fn(params):
     def init_leaf(rule, p):
@@ -187,9 +284,9 @@ def scale_by_factored_rms(rules: FactorRules = None, *, decay_rate: float = 0.8,
       scalar = jnp.zeros((), jnp.float32)
       if axes is None:
         return _LeafOut(None, scalar, scalar, jnp.zeros(p.shape, jnp.float32))
-      col_axis, row_axis = axes
-      return _LeafOut(None, jnp.zeros(_with_size_one(p.shape, row_axis), jnp.float32),
-                      jnp.zeros(_with_size_one(p.shape, col_axis), jnp.float32), scalar)
+      row_axes, col_axes = axes
+      return _LeafOut(None, jnp.zeros(_with_size_one(p.shape, col_axes), jnp.float32),
+                      jnp.zeros(_with_size_one(p.shape, row_axes), jnp.float32), scalar)
     out = _map_with_rules(init_leaf, _resolve_rules(rules, params), params)
     return FactoredRmsState(jnp.zeros((), jnp.int32), _field(out, 'v_row'), _field(out, 'v_col'),
                             _field(out, 'v'))
@@ -205,11 +302,11 @@ def scale_by_factored_rms(rules: FactorRules = None, *, decay_rate: float = 0.8,
       if axes is None:
         v = beta * v + (1.0 - beta) * g2
         return _LeafOut(g * jax.lax.rsqrt(v), v_row, v_col, v)
-      col_axis, row_axis = axes
-      v_row = beta * v_row + (1.0 - beta) * jnp.mean(g2, axis=row_axis, keepdims=True)
-      v_col = beta * v_col + (1.0 - beta) * jnp.mean(g2, axis=col_axis, keepdims=True)
-      # mean(R) over the row axis is the mean of g² over the whole matrix (per batch index).
-      row_col_mean = jnp.mean(v_row, axis=col_axis, keepdims=True)
+      row_axes, col_axes = axes
+      v_row = beta * v_row + (1.0 - beta) * jnp.mean(g2, axis=col_axes, keepdims=True)
+      v_col = beta * v_col + (1.0 - beta) * jnp.mean(g2, axis=row_axes, keepdims=True)
+      # mean(R) over the rows is the mean of g² over the whole matrix (per batch index).
+      row_col_mean = jnp.mean(v_row, axis=row_axes, keepdims=True)
       u = g * jax.lax.rsqrt(v_row / row_col_mean) * jax.lax.rsqrt(v_col)
       return _LeafOut(u, v_row, v_col, v)
 
@@ -253,8 +350,9 @@ def adafactor(learning_rate: optax.ScalarOrSchedule, rules: FactorRules = None, 
 
   Args:
     learning_rate: a float or an optax schedule of the step (e.g. `rsqrt_schedule()`).
-    rules: FactorRules per parameter (`factor_rules(boxed_params)`): batch axes such as 'expert' get their
-      own statistics, parameter scale and clipping. None treats every axis as a tensor axis.
+    rules: FactorRules per parameter (`factor_rules(boxed_params)`): rows and columns from the logical
+      axis names as t5x, and batch axes such as 'expert' with their own statistics, parameter scale and
+      clipping. None: t5x's size heuristic for every parameter, no batch axes.
     decay_rate, step_offset, epsilon1, min_dim_size_to_factor: see scale_by_factored_rms.
     clipping_threshold: update clipping at this RMS; None disables it.
     multiply_by_parameter_scale: step ∝ max(RMS(param), epsilon2) (relative step size).

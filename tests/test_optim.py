@@ -1,4 +1,9 @@
-"""Adafactor against a plain numpy reference of routing.md §9; per-expert statistics; schedules; freezing."""
+"""Adafactor against a plain numpy reference of routing.md §9; t5x's factoring of every ST-MoE parameter;
+per-expert statistics; schedules; freezing."""
+
+import fnmatch
+import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -7,9 +12,12 @@ import numpy as np
 import optax
 import pytest
 
+from st_moe_jax import gin_setup
 from st_moe_jax.config import MoeConfig
 from st_moe_jax import optim
 from st_moe_jax.moe import MoeLayer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------------------------------------------------
 # A numpy reference, written as the spec reads: one matrix (one expert) at a time, float64.
@@ -107,14 +115,62 @@ def test_first_step_is_clipped_sign_step_for_unfactored():
   np.testing.assert_allclose(np.asarray(updates['w']), [-0.2, 0.2, -0.2], rtol=1e-6)
 
 
-def test_factoring_threshold_is_128_by_default():
+def test_heuristic_factoring_threshold_is_128_by_default():
+  # The heuristic (no named rows / columns): second-largest non-batch axis is the row, the largest the column.
   rule = optim.FactorRule()
   assert optim.factored_axes((127, 512), rule) is None
-  assert optim.factored_axes((128, 512), rule) == (0, 1)
-  assert optim.factored_axes((512, 128), rule) == (1, 0)
+  assert optim.factored_axes((128, 512), rule) == ((0,), (1,))
+  assert optim.factored_axes((512, 128), rule) == ((1,), (0,))
+  assert optim.factored_axes((256, 256), rule) == ((0,), (1,))  # ties keep axis order
   # The expert axis never counts as a matrix dimension, however large.
   assert optim.factored_axes((256, 64, 512), optim.FactorRule((0,))) is None
-  assert optim.factored_axes((8, 128, 512), optim.FactorRule((0,))) == (1, 2)
+  assert optim.factored_axes((8, 128, 512), optim.FactorRule((0,))) == ((1,), (2,))
+  # Named rows and columns are factored whatever their size (t5x applies no threshold to them).
+  assert optim.factored_axes((4, 2, 3), optim.FactorRule((), (0,), (1, 2))) == ((0,), (1, 2))
+  assert optim.factored_axes((4, 2, 3), optim.FactorRule((0,), (), ())) is None
+
+
+def test_rule_for_axes_follows_t5x():
+  rule = optim.rule_for_axes
+  R = optim.FactorRule
+  # Rank <= 2 without batch axes: t5x ignores the names and uses the size heuristic.
+  for axes in (('embed', 'mlp'), ('heads', 'relpos_buckets'), ('embed',), ('embed', 'unmodeled')):
+    assert rule(axes) == R(), axes
+  # Otherwise the names decide: every ROW axis a row, every COLUMN axis a column, BATCH axes apart.
+  assert rule(('embed', 'heads', 'kv')) == R((), (0,), (1, 2))
+  assert rule(('heads', 'kv', 'embed')) == R((), (2,), (0, 1))
+  assert rule(('expert', 'mlp_embed', 'expert_mlp')) == R((0,), (1,), (2,))
+  assert rule(('expert', 'expert_mlp', 'mlp_embed')) == R((0,), (2,), (1,))
+  assert rule(('layers', 'embed', 'mlp')) == R((0,), (1,), (2,))
+  # Without both a row and a column: full statistics, batch axes kept (even for rank <= 2).
+  assert rule(('expert', 'mlp_embed')) == R((0,), (), ())
+  assert rule(('layers', 'heads', 'relpos_buckets')) == R((0,), (), ())
+  # A row and a column beside an unfactored axis is an error, as in t5x.
+  with pytest.raises(ValueError, match='Incomplete'):
+    rule(('embed', 'heads', 'relpos_buckets'))
+  # Names with no rule fall back to the heuristic, keeping named batch axes.
+  assert rule(('embed', None, 'kv')) == R() and rule(('expert', 'abspos_buckets', 'embed')) == R((0,))
+  assert rule(()) == R()
+
+
+def test_multi_column_factoring_matches_the_reshaped_matrix():
+  # t5x factors an attention kernel [embed, heads, kv] as the matrix [embed, heads·kv]: v_row [embed],
+  # v_col [heads, kv]. The output kernel [heads, kv, embed] is the matrix [heads·kv, embed] with its row
+  # statistic on embed; v̂ = R·C / mean(R) is symmetric in R and C, so the numpy matrix reference applies.
+  params = {'query': RNG.normal(size=(6, 2, 3)).astype(np.float32),
+            'out': RNG.normal(size=(2, 3, 6)).astype(np.float32)}
+  grads = [{k: RNG.normal(size=v.shape).astype(np.float32) * s for k, v in params.items()} for s in (1., 3.)]
+  rules = {'query': optim.rule_for_axes(('embed', 'heads', 'kv')),
+           'out': optim.rule_for_axes(('heads', 'kv', 'embed'))}
+  got, state = _run(optim.adafactor(0.1, rules), params, grads)  # default threshold 128: names decide
+  assert state[0].v_row['query'].shape == (6, 1, 1) and state[0].v_col['query'].shape == (1, 2, 3)
+  assert state[0].v_row['out'].shape == (1, 1, 6) and state[0].v_col['out'].shape == (2, 3, 1)
+  as_matrix = {'query': lambda x: x.reshape(6, 6), 'out': lambda x: x.reshape(6, 6)}
+  want = reference_run({k: as_matrix[k](v) for k, v in params.items()},
+                       [{k: as_matrix[k](v) for k, v in g.items()} for g in grads],
+                       {'query': False, 'out': False}, {'query': True, 'out': True}, [0.1, 0.1])
+  for name in params:
+    np.testing.assert_allclose(np.asarray(got[name]).reshape(6, 6), want[name], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize('min_dim', [4, 128])  # factored and full per-expert statistics
@@ -152,30 +208,136 @@ def _moe_boxed_params():
 
 def test_factor_rules_from_logical_axes():
   rules = optim.factor_rules(_moe_boxed_params())['params']
-  for name in ('wi_0', 'wi_1', 'wo'):
-    assert rules['expert'][name]['kernel'] == optim.FactorRule((0,))
-  assert rules['router']['router_weights']['w']['kernel'] == optim.FactorRule(())
-  # Logical specs work too, and leaves without metadata have no batch axes.
+  for name in ('wi_0', 'wi_1'):  # ('expert', 'mlp_embed', 'expert_mlp')
+    assert rules['expert'][name]['kernel'] == optim.FactorRule((0,), (1,), (2,))
+  # ('expert', 'expert_mlp', 'mlp_embed'): the row is still the model axis.
+  assert rules['expert']['wo']['kernel'] == optim.FactorRule((0,), (2,), (1,))
+  assert rules['router']['router_weights']['w']['kernel'] == optim.FactorRule(())  # 2-D: the heuristic
+  # Logical specs work too, and leaves without metadata get the heuristic with no batch axes.
   specs = {'a': jax.sharding.PartitionSpec('layers', 'embed', 'mlp'), 'b': jnp.zeros(3)}
-  assert optim.factor_rules(specs) == {'a': optim.FactorRule((0,)), 'b': optim.FactorRule(())}
+  assert optim.factor_rules(specs) == {'a': optim.FactorRule((0,), (1,), (2,)), 'b': optim.FactorRule(())}
 
 
 def test_expert_optimizer_state_has_expert_axis_leading():
+  # Expert kernels are factored per expert from their names, whatever min_dim_size_to_factor says.
   boxed = _moe_boxed_params()
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.meta.unbox(boxed))['params']
   rules = optim.factor_rules(boxed)['params']
   for min_dim in (4, 128):
     state = optim.adafactor(1e-2, rules, min_dim_size_to_factor=min_dim).init(params)[0]
-    for name, (h, f) in {'wi_0': (6, 8), 'wo': (8, 6)}.items():
-      shapes = {field: getattr(state, field)['expert'][name]['kernel'].shape
-                for field in ('v_row', 'v_col', 'v')}
-      if min_dim == 4:  # factored per expert; keepdims, so the stats shard like the kernel
-        big = 2 if f > h else 1
-        assert shapes['v_row'] == tuple(1 if a == big else d for a, d in enumerate((4, h, f)))
-        assert shapes['v_col'] == tuple(1 if a == 3 - big else d for a, d in enumerate((4, h, f)))
-        assert shapes['v'] == ()
-      else:
-        assert shapes['v'] == (4, h, f) and shapes['v_row'] == () == shapes['v_col']
+    shapes = lambda name: tuple(getattr(state, field)['expert'][name]['kernel'].shape
+                                for field in ('v_row', 'v_col', 'v'))
+    # keepdims, so the statistics shard like the kernel; v_row keeps the model axis H = 6 (the row).
+    assert shapes('wi_0') == ((4, 6, 1), (4, 1, 8), ())
+    assert shapes('wo') == ((4, 1, 6), (4, 8, 1), ())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every parameter of the ST-MoE models, factored as t5x factors it (logical_factor_rules + MoE rules).
+
+# Parameter-path pattern (fnmatch) -> (row axes, column axes, batch axes) by logical name; None: full
+# statistics. Every parameter must match exactly one pattern.
+#   - Rank > 2 or batched: the names decide, no size threshold. Attention kernels are [embed | heads·kv]
+#     matrices (t5x groups all COLUMN axes into one column); expert kernels are one matrix per expert.
+#   - Rank <= 2 without batch axes: t5x ignores the names and factors iff the smaller dim is >= 128, the
+#     second-largest axis being the row. For these models that gives the t5x-named result for the dense
+#     kernels and embeddings; routers [embed, E], relpos [heads, 32] and scales stay whole.
+FULL = None
+EXPECTED_FACTORING = {
+    '*attention/query/kernel': (('embed',), ('heads', 'kv'), ()),   # (embed, heads, kv)
+    '*attention/key/kernel': (('embed',), ('heads', 'kv'), ()),
+    '*attention/value/kernel': (('embed',), ('heads', 'kv'), ()),
+    '*attention/out/kernel': (('embed',), ('heads', 'kv'), ()),     # (heads, kv, embed)
+    '*/mlp/expert/wi_[01]/kernel': (('mlp_embed',), ('expert_mlp',), ('expert',)),  # per expert
+    '*/mlp/expert/wo/kernel': (('mlp_embed',), ('expert_mlp',), ('expert',)),
+    '*/mlp/wi_[01]/kernel': (('embed',), ('mlp',), ()),             # dense FFN (embed, mlp)
+    '*/mlp/wo/kernel': (('embed',), ('mlp',), ()),                  # (mlp, embed)
+    '*/extra_mlp/wi_[01]/kernel': (('embed',), ('mlp',), ()),
+    '*/extra_mlp/wo/kernel': (('embed',), ('mlp',), ()),
+    '*/mlp/router/router_weights/w/kernel': FULL,                   # (embed, unmodeled): E < 128
+    '*/relpos_bias/rel_embedding': FULL,                            # (heads, relpos_buckets)
+    '*/scale': FULL,                                                # RMSNorm (embed,)
+    'token_embedder/embedding': (('embed',), ('vocab',), ()),       # (vocab, embed): vocab is larger
+    'decoder/logits_dense/kernel': (('embed',), ('vocab',), ()),
+}
+# RMoE's recurrent router (gin/routers/rmoe.gin, p = 128) replaces the linear ones: per layer P [embed, p] and
+# G [p, E], and a GRU cell shared by the stack with kernels [p, 3p] (axes ('unmodeled', None)) and biases
+# [3p]. All of rank <= 2, so the heuristic: p = 128 is just large enough to factor P and the cell kernels.
+RMOE_FACTORING = {
+    **{p: f for p, f in EXPECTED_FACTORING.items() if 'router_weights' not in p},
+    '*/router/input_projection/kernel': (('unmodeled',), ('embed',), ()),
+    '*/router/output_projection/kernel': FULL,
+    '*/router/input_kernel': (('unmodeled',), (None,), ()),
+    '*/router/hidden_kernel': (('unmodeled',), (None,), ()),
+    '*/router/input_bias': FULL,
+    '*/router/hidden_bias': FULL,
+}
+MODELS = {'st_moe_base': (('gin/models/st_moe_base.gin',), EXPECTED_FACTORING),
+          'st_moe_32b': (('gin/models/st_moe_32b.gin',), EXPECTED_FACTORING),
+          'st_moe_base_rmoe': (('gin/models/st_moe_base.gin', 'gin/routers/rmoe.gin'), RMOE_FACTORING)}
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract_model_params(gin_files: tuple[str, ...]):
+  """Boxed abstract parameters of a gin model (shapes only: st_moe_32b is never allocated)."""
+  gin_setup.parse_model_gin([os.path.join(REPO, f) for f in gin_files], search_paths=[REPO])
+  model = gin_setup.architecture()
+  tokens = jnp.ones((2, 8), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens, tokens,
+                                           enable_dropout=False))['params']
+
+
+@pytest.mark.parametrize('model_name', list(MODELS))
+def test_every_parameter_is_factored_as_t5x(model_name):
+  gin_files, table = MODELS[model_name]
+  boxed = _abstract_model_params(gin_files)
+  params = nn.meta.unbox(boxed)
+  rules = optim.factor_rules(boxed)
+  # The optimizer's actual decision: the shapes of its second-moment state.
+  state = jax.eval_shape(optim.adafactor(1e-2, rules).init, params)[0]
+  columns = zip(jax.tree.leaves(optim.param_paths(params)),
+                jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.meta.Partitioned)),
+                jax.tree.leaves(rules), jax.tree.leaves(state.v_row), jax.tree.leaves(state.v_col),
+                jax.tree.leaves(state.v))
+  used = set()
+  for path, leaf, rule, v_row, v_col, v in columns:
+    names, shape = tuple(leaf.names), leaf.value.shape
+    patterns = [p for p in table if fnmatch.fnmatchcase(path, p)]
+    assert len(patterns) == 1, f'{path} {names} matches {patterns}: give it exactly one expected pattern'
+    used.add(patterns[0])
+    expected = table[patterns[0]]
+    got = (v_row.shape, v_col.shape, v.shape)
+    if expected is FULL:
+      assert got == ((), (), shape), (path, names, got)
+      assert optim.factoring(names, shape) is None, path
+      continue
+    rows, cols, batch = (tuple(names.index(n) for n in group) for group in expected)
+    assert rule.batch_axes == batch, (path, rule)
+    assert optim.factoring(names, shape) == optim.Factoring(rows, cols, batch), path
+    # v_row keeps the rows (the mean over the columns), v_col the columns; both keep the batch axes.
+    assert got == (tuple(1 if a in cols else d for a, d in enumerate(shape)),
+                   tuple(1 if a in rows else d for a, d in enumerate(shape)), ()), (path, names, got)
+  assert used == set(table), f'patterns matching no parameter: {set(table) - used}'
+
+
+def test_attention_kernels_were_not_factored_by_the_size_heuristic():
+  # The control: st_moe_base's attention kernels [768, 12, 64] have second-largest dim 64 < 128, so the old
+  # shape-only heuristic kept full statistics for them (589,824 floats each, against 768 + 768 for t5x).
+  assert optim.factored_axes((768, 12, 64), optim.FactorRule()) is None
+  assert optim.factoring(('embed', 'heads', 'kv'), (768, 12, 64)) == optim.Factoring((0,), (1, 2), ())
+
+
+def test_factored_state_shapes_of_st_moe_base():
+  boxed = _abstract_model_params(('gin/models/st_moe_base.gin',))
+  state = jax.eval_shape(optim.adafactor(1e-2, optim.factor_rules(boxed)).init, nn.meta.unbox(boxed))[0]
+  layer = lambda tree: tree['encoder']['layers_3']
+  shapes = lambda get: tuple(get(layer(getattr(state, f))).shape for f in ('v_row', 'v_col', 'v'))
+  # Expert kernels [E=16, H=768, F=2048] / [E, F, H]: per-expert statistics over H (rows) and F (columns).
+  assert shapes(lambda t: t['mlp']['expert']['wi_0']['kernel']) == ((16, 768, 1), (16, 1, 2048), ())
+  assert shapes(lambda t: t['mlp']['expert']['wo']['kernel']) == ((16, 1, 768), (16, 2048, 1), ())
+  # Attention [embed=768, heads=12, kv=64] and out [heads, kv, embed]: v_row [embed], v_col [heads, kv].
+  assert shapes(lambda t: t['attention']['query']['kernel']) == ((768, 1, 1), (1, 12, 64), ())
+  assert shapes(lambda t: t['attention']['out']['kernel']) == ((1, 1, 768), (12, 64, 1), ())
 
 
 def test_schedules():

@@ -195,9 +195,10 @@ def test_opt_state_shardings_follow_params_through_freeze_and_momentum():
   tx = optim.freeze(optim.adafactor(0.1, RULES, min_dim_size_to_factor=4, momentum=0.9), [r'^dense_in/'])
   shardings = partitioning.opt_state_shardings(jax.eval_shape(tx.init, params), params, param_sh)
   trained = shardings.inner_states['trained'].inner_state
-  # wo [E, F, H] with F = H: row statistics keep F (model-sharded), column statistics keep H.
-  assert trained[0].v_row['moe']['expert']['wo']['kernel'].spec == P('expert', 'model', None)
-  assert trained[0].v_col['moe']['expert']['wo']['kernel'].spec == P('expert', None, None)
+  # wo [E, F, H] ('expert', 'expert_mlp', 'mlp_embed'): row statistics keep H (t5x's row), column
+  # statistics keep F (model-sharded).
+  assert trained[0].v_row['moe']['expert']['wo']['kernel'].spec == P('expert', None, None)
+  assert trained[0].v_col['moe']['expert']['wo']['kernel'].spec == P('expert', 'model', None)
   assert trained[0].count.spec == P()
   assert trained[-1].ema['moe']['expert']['wo']['kernel'].spec == P('expert', 'model', None)
   assert trained[-1].ema['dense_out']['kernel'].spec == P(None, 'model')
