@@ -200,7 +200,6 @@ class Encoder(nn.Module):
     """tokens: <int>[B, Le] -> <dtype>[B, Le, H]."""
     cfg = self.config
     sparse = set(_check_stack(self.moe, cfg.num_encoder_layers, 'encoder_moe'))
-    check_lory_stack(self.moe, 'encoder_moe')
     real = tokens > 0
     mask = make_attention_mask(real, real)
     if segment_ids is not None:
@@ -238,7 +237,6 @@ class Decoder(nn.Module):
     """Returns <float32>[B, Ld, V] logits."""
     cfg = self.config
     sparse = set(_check_stack(self.moe, cfg.num_decoder_layers, 'decoder_moe'))
-    check_causal_moe(self.moe, 'decoder_moe')
     batch, length = decoder_input_tokens.shape
     relpos = RelativePositionBiases(cfg.num_heads, cfg.relpos_num_buckets, cfg.relpos_max_distance,
                                     cfg.dtype, name='relpos_bias')

@@ -202,7 +202,8 @@ def test_huge_gradient_on_one_expert_leaves_other_experts_unchanged(min_dim):
 
 
 def _moe_boxed_params():
-  layer = MoeLayer(MoeConfig(num_experts=4, expert_mlp_dim=8, expert_activations=('gelu', 'linear'), group_multiple=1))
+  layer = MoeLayer(MoeConfig(num_experts=4, expert_mlp_dim=8, expert_activations=('gelu', 'linear'),
+                             group_multiple=1))
   return jax.eval_shape(lambda: layer.init(jax.random.key(0), jnp.ones((2, 4, 6)), enable_dropout=False))
 
 
