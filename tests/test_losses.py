@@ -111,3 +111,13 @@ def test_collects_what_moe_layer_sows():
   np.testing.assert_allclose(float(metrics['experts/router_z_loss']), 2.0 * np.mean(per_layer), rtol=1e-6)
   np.testing.assert_allclose(float(moe_loss), 2.0 * np.mean(per_layer), rtol=1e-6)
   assert set(metrics) == {f'experts/{n}' for n in losses.MOE_METRIC_NAMES}
+
+  means = losses.moe_metrics(state['intermediates'])
+  assert set(means) == set(losses.MOE_METRIC_NAMES)
+  np.testing.assert_allclose(float(means['router_z_loss']), np.mean(per_layer), rtol=1e-6)
+  layers = losses.per_layer_moe_metrics(state['intermediates'])
+  assert set(layers) == {f'layers_{i}/{n}' for i in range(2) for n in losses.MOE_METRIC_NAMES}
+  np.testing.assert_allclose([float(layers[f'layers_{i}/router_z_loss']) for i in range(2)], per_layer,
+                             rtol=1e-6)
+  assert losses.moe_metrics({}) == {} and losses.per_layer_moe_metrics(None) == {}  # a dense model
+
