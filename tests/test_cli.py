@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from st_moe_jax import train as train_lib
+from st_moe_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--gin.EMBED_DIM=32', '--gin.MLP_DIM=48', '--gin.NUM_HEADS=2', '--gin.HEAD_DIM=16',
@@ -24,7 +24,7 @@ def pretrain_args(model_dir, *extra):
 
 
 def test_rewrite_gin_args():
-  assert train_lib.rewrite_gin_args(['--gin.MODEL_DIR="x"', '--gin_file=a.gin']) == [
+  assert cli.rewrite_gin_args(['--gin.MODEL_DIR="x"', '--gin_file=a.gin']) == [
       '--gin_bindings=MODEL_DIR = "x"', '--gin_file=a.gin']
 
 

@@ -121,3 +121,13 @@ def test_collects_what_moe_layer_sows():
                              rtol=1e-6)
   assert losses.moe_metrics({}) == {} and losses.per_layer_moe_metrics(None) == {}  # a dense model
 
+
+def test_loss_factor_defaults_are_stated_once():
+  """ST-MoE's router z-loss 1e-3 (not t5x's output z-loss 1e-4) is the default everywhere."""
+  import inspect
+  from st_moe_jax import train, trainer
+  assert losses.ROUTER_Z_LOSS_FACTOR == 1e-3 and losses.Z_LOSS == 1e-4 and losses.AUX_LOSS_FACTOR == 0.01
+  assert trainer.LossConfig() == trainer.LossConfig(losses.Z_LOSS, 0.0, losses.AUX_LOSS_FACTOR,
+                                                    losses.ROUTER_Z_LOSS_FACTOR)
+  for fn in (losses.compute_loss, losses.moe_losses, train.train):
+    assert inspect.signature(fn).parameters['router_z_loss_factor'].default == losses.ROUTER_Z_LOSS_FACTOR
