@@ -39,13 +39,16 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
           checkpoint_period: int = 1000, keep_checkpoints: Optional[int] = None,
           async_checkpointing: bool = True, random_seed: Optional[int] = 0,
           freeze_patterns: Sequence[str] = (), lory_dense_warmup_fraction: float = 0.0,
-          devices: Optional[Sequence[Any]] = None) -> trainer_lib.TrainState:
+          devices: Optional[Sequence[Any]] = None) -> Optional[trainer_lib.TrainState]:
   """Trains `model` on train_dataset_cfg to TRAIN_STEPS (or checkpoint step + TRAIN_STEPS_RELATIVE).
 
   lory_dense_warmup_fraction: LORY_DENSE_WARMUP_FRACTION (gin/runs/lory_warmup.gin): a Lory model's first
     round(fraction · TRAIN_STEPS) steps train its dense counterpart, which is then upcycled
     (`lory_warmup.fit_with_dense_warmup`); 0 trains the Lory model from the start.
   devices: the devices the mesh spans (default: all of jax.devices()).
+
+  Returns:
+    The final train state; None when MODEL_DIR is already at TRAIN_STEPS (nothing is built then).
   """
   model_dir = cli.required(model_dir, 'MODEL_DIR', '"\'runs/my_run\'"')
   if train_steps_relative is not None:
@@ -61,6 +64,11 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
   os.makedirs(model_dir, exist_ok=True)
   mesh = cli.create_mesh(num_expert_partitions, num_model_partitions, model, devices)
   cli.check_batch(train_dataset_cfg.batch_size, mesh)
+  done = ckpt_lib.latest_checkpoint_step(model_dir)
+  if done is not None and done >= train_steps:
+    # Nothing to train: no data pipeline, no compilation.
+    print(f'{model_dir} is already at step {done} >= TRAIN_STEPS={train_steps}.', flush=True)
+    return None
   import jax  # pylint: disable=g-import-not-at-top
   shard = data_lib.shard_info()
   train_data = data_lib.DataIterator(

@@ -62,6 +62,15 @@ def test_experts_not_divisible_by_partitions(tmp_path, cli_error):
   assert 'NUM_EXPERTS=4 is not divisible by NUM_EXPERT_PARTITIONS=3' in err
 
 
+def test_finished_run_builds_no_data_pipeline(tmp_path, monkeypatch, capsys):
+  """MODEL_DIR already at TRAIN_STEPS: the run stops before reading data (the unknown task is not looked up)."""
+  from st_moe_jax import train
+  (tmp_path / 'checkpoint_2').mkdir()
+  monkeypatch.chdir(REPO)
+  train.main(pretrain_args(tmp_path, '--gin.MIXTURE_OR_TASK_NAME="no_such_task"'))
+  assert 'is already at step 2 >= TRAIN_STEPS=2' in capsys.readouterr().out
+
+
 def run_cli(module, argv):
   env = {**os.environ, 'PYTHONPATH': REPO}
   return subprocess.run([sys.executable, '-m', module, *argv], cwd=REPO, env=env, capture_output=True,
