@@ -37,6 +37,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from st_moe_jax import data as data_lib  # noqa: E402
 from st_moe_jax import gin_setup  # noqa: E402
 from st_moe_jax import optim  # noqa: E402
 from st_moe_jax import partitioning  # noqa: E402
@@ -113,9 +114,9 @@ def bench_size(size: str, shape: tuple[int, int], args) -> dict:
     if batch is None:
       batch = random_batch(batch_size, enc_len, dec_len, vocab, args.seed)
     trainer = trainer_lib.Trainer(model, optim.adafactor, optim.rsqrt_schedule(1.0, 10_000), mesh,
-                                  seed=args.seed)
+                                  model_kind=data_lib.ENCODER_DECODER, seed=args.seed)
     trainer.prepare(batch)
-    state = trainer.create_state()
+    state = trainer.init_state()
     start = time.perf_counter()
     for _ in range(max(args.warmup, 1)):
       state, metrics = trainer.train_step(state, batch)

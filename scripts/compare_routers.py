@@ -180,10 +180,11 @@ def train_one(name: str, args, train_batches, eval_batches, mesh) -> dict:
   model = build_model(name, args)
   schedule = optim.create_learning_rate_scheduler('constant * rsqrt_decay', args.learning_rate,
                                                   args.warmup_steps)
-  trainer = trainer_lib.Trainer(model, optim.adafactor, schedule, mesh, seed=args.seed)
+  kind = data_lib.ENCODER_DECODER if enc_dec else data_lib.DECODER_ONLY
+  trainer = trainer_lib.Trainer(model, optim.adafactor, schedule, mesh, model_kind=kind, seed=args.seed)
   start = time.time()
   trainer.prepare(train_batches[0])
-  state = trainer.create_state()
+  state = trainer.init_state()
   params = int(sum(x.size for x in jax.tree.leaves(state.params)))
 
   def evaluate(step):

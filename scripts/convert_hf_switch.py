@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from st_moe_jax import checkpoints  # noqa: E402
+from st_moe_jax import hf_switch  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -22,8 +22,8 @@ def main(argv=None) -> None:
   parser.add_argument('--hf_dir', required=True, help='directory written by save_pretrained')
   parser.add_argument('--out', required=True, help='output checkpoint directory')
   args = parser.parse_args(argv)
-  model, params = checkpoints.import_hf_switch(args.hf_dir)
-  checkpoints.save_params(params, args.out, model)
+  model, params = hf_switch.import_hf_switch(args.hf_dir)
+  hf_switch.save_params(params, args.out, model)
   num = sum(x.size for x in jax.tree_util.tree_leaves(params))
   print(f'Wrote {num:,} parameters to {args.out}/params and the model to {args.out}/model.gin')
 

@@ -209,6 +209,14 @@ def resolve_checkpoint_dir(path: str) -> str:
   return os.path.join(path, f'{STEP_PREFIX}_{max(steps)}')
 
 
+def latest_checkpoint_step(model_dir: str) -> Optional[int]:
+  """The step of MODEL_DIR's latest checkpoint_<step>, or None if it has none (or does not exist)."""
+  try:
+    return checkpoint_step(resolve_checkpoint_dir(model_dir))
+  except FileNotFoundError:
+    return None
+
+
 def checkpoint_step(path: str) -> int:
   match = re.search(rf'{STEP_PREFIX}_(\d+)$', path.rstrip('/'))
   return int(match.group(1)) if match else 0

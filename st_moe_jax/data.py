@@ -14,7 +14,7 @@ Token id 0 is padding everywhere (seqio).
 import dataclasses
 import logging
 import os
-from typing import Any, Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import numpy as np
 import seqio
@@ -66,11 +66,6 @@ def feature_converter(model_kind: str, pack: bool) -> seqio.FeatureConverter:
   if model_kind == DECODER_ONLY:
     return seqio.LMFeatureConverter(pack=pack)
   raise ValueError(f'Unknown model kind {model_kind!r}; expected {ENCODER_DECODER!r} or {DECODER_ONLY!r}.')
-
-
-def model_kind_of(model: Any) -> str:
-  """ENCODER_DECODER if the model has an encoder (models.EncoderDecoder), else DECODER_ONLY."""
-  return ENCODER_DECODER if hasattr(model, 'encode') else DECODER_ONLY
 
 
 def shard_info() -> Optional[seqio.ShardInfo]:

@@ -29,27 +29,28 @@ import jax
 import numpy as np
 
 from st_moe_jax import checkpoint_manager as ckpt_lib
+from st_moe_jax import cli
 from st_moe_jax import data as data_lib
 from st_moe_jax import decoding
-from st_moe_jax import optim
-from st_moe_jax import train as train_lib
+from st_moe_jax import summaries
 from st_moe_jax import trainer as trainer_lib
 
 
-def restore_trainer(model: Any, checkpoint_path: str, dataset_cfg: data_lib.DatasetConfig,
-                    num_expert_partitions: int, num_model_partitions: int):
-  """(trainer, params, step, batches) for evaluating `model` from a checkpoint on dataset_cfg."""
-  mesh = train_lib.create_mesh(num_expert_partitions, num_model_partitions, model)
-  train_lib.check_batch(dataset_cfg.batch_size, mesh)
-  kind = data_lib.model_kind_of(model)
+def restore_evaluator(model: Any, checkpoint_path: str, dataset_cfg: data_lib.DatasetConfig,
+                      num_expert_partitions: int, num_model_partitions: int):
+  """(evaluator, params, step, batches) for evaluating `model` from a checkpoint on dataset_cfg (no
+  optimizer: only the parameters are restored)."""
+  mesh = cli.create_mesh(num_expert_partitions, num_model_partitions, model)
+  cli.check_batch(dataset_cfg.batch_size, mesh)
+  kind = cli.model_kind(model)
   ds = data_lib.get_dataset(dataset_cfg, kind, num_processes=jax.process_count(),
                             shard=data_lib.shard_info())
   first = next(data_lib.DataIterator(ds))
-  trainer = trainer_lib.Trainer(model, optim.adafactor, optim.constant_schedule(0.0), mesh)
-  trainer.prepare(data_lib.pad_batch(first, dataset_cfg.batch_size // jax.process_count()))
-  params, _ = ckpt_lib.restore_params(checkpoint_path, trainer.abstract_params)
+  evaluator = trainer_lib.Evaluator(model, mesh, model_kind=kind)
+  evaluator.prepare(data_lib.pad_batch(first, dataset_cfg.batch_size // jax.process_count()))
+  params, _ = ckpt_lib.restore_params(checkpoint_path, evaluator.abstract_params)
   step = ckpt_lib.checkpoint_step(ckpt_lib.resolve_checkpoint_dir(checkpoint_path))
-  return trainer, params, step, ds
+  return evaluator, params, step, ds
 
 
 def evaluate(*, model: Any = gin.REQUIRED, checkpoint_path: Optional[str] = gin.REQUIRED,
@@ -61,17 +62,17 @@ def evaluate(*, model: Any = gin.REQUIRED, checkpoint_path: Optional[str] = gin.
 
   Returns {task: teacher-forced metrics, plus 'inference/<metric>' from the inference eval}.
   """
-  checkpoint_path = train_lib.required(checkpoint_path, 'CHECKPOINT_PATH', '"\'runs/my_run\'"')
-  eval_output_dir = train_lib.required(eval_output_dir, 'EVAL_OUTPUT_DIR', '"\'runs/my_run/eval\'"')
+  checkpoint_path = cli.required(checkpoint_path, 'CHECKPOINT_PATH', '"\'runs/my_run\'"')
+  eval_output_dir = cli.required(eval_output_dir, 'EVAL_OUTPUT_DIR', '"\'runs/my_run/eval\'"')
   tasks = tasks_with_split(dataset_cfg.mixture_or_task_name, dataset_cfg.split)
   cfgs = {t.name: dataclasses.replace(dataset_cfg, mixture_or_task_name=t.name) for t in tasks}
-  trainer, params, step, _ = restore_trainer(model, checkpoint_path, cfgs[tasks[0].name],
-                                             num_expert_partitions, num_model_partitions)
+  evaluator, params, step, _ = restore_evaluator(model, checkpoint_path, cfgs[tasks[0].name],
+                                                 num_expert_partitions, num_model_partitions)
   out = {}
   for task in tasks:
-    results = teacher_forced(trainer, params, cfgs[task.name], step, eval_output_dir, eval_steps, print_fn)
-    if inference_eval and task.predict_metric_fns and trainer.kind == data_lib.ENCODER_DECODER:
-      scores = inference_eval_task(trainer, params, task, cfgs[task.name], step, eval_output_dir,
+    results = teacher_forced(evaluator, params, cfgs[task.name], step, eval_output_dir, eval_steps, print_fn)
+    if inference_eval and task.predict_metric_fns and evaluator.kind == data_lib.ENCODER_DECODER:
+      scores = inference_eval_task(evaluator, params, task, cfgs[task.name], step, eval_output_dir,
                                    max_batches=eval_steps, print_fn=print_fn)
       results.update({f'inference/{k}': v for k, v in scores.items()})
     out[task.name] = results
@@ -87,27 +88,26 @@ def tasks_with_split(name: str, split: str) -> list:
     return [task_or_mixture]
   tasks = [t for t in task_or_mixture.tasks if split in t.splits]
   if not tasks:
-    raise train_lib.UserError(f'No task of the mixture {name!r} has a {split!r} split; its tasks: '
-                              f'{[t.name for t in task_or_mixture.tasks]}.')
+    raise cli.UserError(f'No task of the mixture {name!r} has a {split!r} split; its tasks: '
+                        f'{[t.name for t in task_or_mixture.tasks]}.')
   return tasks
 
 
-def teacher_forced(trainer, params, cfg: data_lib.DatasetConfig, step: int, eval_output_dir: str,
+def teacher_forced(evaluator, params, cfg: data_lib.DatasetConfig, step: int, eval_output_dir: str,
                    eval_steps: Optional[int], print_fn=print) -> dict[str, float]:
   """Teacher-forced metrics of one task: EVAL_OUTPUT_DIR/<task>-metrics.jsonl and eval/<task>/ scalars."""
-  ds = data_lib.get_dataset(cfg, trainer.kind, num_processes=jax.process_count(),
+  ds = data_lib.get_dataset(cfg, evaluator.kind, num_processes=jax.process_count(),
                             shard=data_lib.shard_info())
   rows = cfg.batch_size // jax.process_count()
   batches = (data_lib.pad_batch(b, rows) for b in data_lib.DataIterator(ds))
-  results = trainer_lib.evaluate(trainer, params, batches, rows, eval_steps)
+  results = trainer_lib.evaluate(evaluator, params, batches, rows, eval_steps)
   name = cfg.mixture_or_task_name
   if jax.process_index() == 0:
     os.makedirs(eval_output_dir, exist_ok=True)
     with open(os.path.join(eval_output_dir, f'{name}-metrics.jsonl'), 'a') as f:
       f.write(json.dumps({'step': step, 'split': cfg.split, **results}) + '\n')
-    writer = trainer_lib.SummaryWriter(os.path.join(eval_output_dir, 'eval', name))
-    writer.write(step, {k: v for k, v in results.items() if not k.startswith('layer/')})
-    writer.close()
+    summaries.write_scalars(os.path.join(eval_output_dir, 'eval', name), step,
+                            {k: v for k, v in results.items() if not k.startswith('layer/')})
   print_fn(format_results(name, cfg.split, step, results))
   return results
 
@@ -133,17 +133,17 @@ def _padded(sequences: Sequence[np.ndarray], rows: int, length: int) -> np.ndarr
   return out
 
 
-def decode_examples(trainer, params, examples: Sequence[Mapping[str, Any]], batch_size: int,
+def decode_examples(evaluator, params, examples: Sequence[Mapping[str, Any]], batch_size: int,
                     input_length: int, target_length: int, method: str = 'greedy') -> list[np.ndarray]:
   """Decoded target tokens [target_length] of each example (encoder-decoder; greedy by default)."""
-  if trainer.kind != data_lib.ENCODER_DECODER:
-    raise train_lib.UserError('Decoding tasks with inputs needs an encoder-decoder model; decoder-only '
-                              'models are evaluated teacher-forced only.')
+  if evaluator.kind != data_lib.ENCODER_DECODER:
+    raise cli.UserError('Decoding tasks with inputs needs an encoder-decoder model; decoder-only '
+                        'models are evaluated teacher-forced only.')
   outputs = []
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
     inputs = _padded([ex['inputs'] for ex in chunk], batch_size, input_length)
-    tokens, _ = decoding.generate(trainer.model, params, max_decode_length=target_length, method=method,
+    tokens, _ = decoding.generate(evaluator.model, params, max_decode_length=target_length, method=method,
                                   encoder_input_tokens=inputs)
     outputs.extend(np.asarray(jax.device_get(tokens))[:len(chunk)])
   return outputs
@@ -154,16 +154,16 @@ def decode_text(vocabulary, tokens: Sequence[int]) -> str:
   return vocabulary.decode([int(t) for t in tokens if t > 0])
 
 
-def predict_task(trainer, params, task, cfg: data_lib.DatasetConfig, max_batches: Optional[int] = None,
+def predict_task(evaluator, params, task, cfg: data_lib.DatasetConfig, max_batches: Optional[int] = None,
                  method: str = 'greedy') -> tuple[list[dict], list[str], list[np.ndarray]]:
   """(examples, decoded prediction texts, prediction tokens) of one task's split."""
   lengths = cfg.task_feature_lengths
   if 'inputs' not in lengths or 'targets' not in lengths:
-    raise train_lib.UserError(f'TASK_FEATURE_LENGTHS={dict(lengths)} needs "inputs" and "targets" lengths '
-                              'to decode an encoder-decoder.')
+    raise cli.UserError(f'TASK_FEATURE_LENGTHS={dict(lengths)} needs "inputs" and "targets" lengths '
+                        'to decode an encoder-decoder.')
   examples = task_examples(task, cfg, max_batches)
   rows = cfg.batch_size // jax.process_count()
-  tokens = decode_examples(trainer, params, examples, rows, lengths['inputs'], lengths['targets'], method)
+  tokens = decode_examples(evaluator, params, examples, rows, lengths['inputs'], lengths['targets'], method)
   vocabulary = task.output_features['targets'].vocabulary
   return examples, [decode_text(vocabulary, t) for t in tokens], tokens
 
@@ -208,11 +208,11 @@ def score_predictions(task, examples, predictions: Sequence[str]) -> tuple[dict[
   return {k: float(v) for k, v in metrics.items()}, targets, processed
 
 
-def inference_eval_task(trainer, params, task, cfg: data_lib.DatasetConfig, step: int,
+def inference_eval_task(evaluator, params, task, cfg: data_lib.DatasetConfig, step: int,
                         eval_output_dir: str, max_batches: Optional[int] = None, method: str = 'greedy',
                         print_fn=print) -> dict[str, float]:
   """Decodes, postprocesses and scores one task; writes t5x's inference_eval/ files. Returns the metrics."""
-  examples, predictions, _ = predict_task(trainer, params, task, cfg, max_batches, method)
+  examples, predictions, _ = predict_task(evaluator, params, task, cfg, max_batches, method)
   metrics, targets, processed = score_predictions(task, examples, predictions)
   if jax.process_index() == 0:
     write_inference_eval(eval_output_dir, task.name, step, metrics,
@@ -232,9 +232,7 @@ def write_inference_eval(eval_output_dir: str, name: str, step: int, metrics: Ma
     for record, target, prediction in zip(records, targets, processed):
       f.write(json.dumps({**record, 'target_postprocessed': _jsonable(target),
                           'prediction_postprocessed': _jsonable(prediction)}) + '\n')
-  writer = trainer_lib.SummaryWriter(os.path.join(directory, name))
-  writer.write(step, {f'eval/{k}': v for k, v in metrics.items()})
-  writer.close()
+  summaries.write_scalars(os.path.join(directory, name), step, {f'eval/{k}': v for k, v in metrics.items()})
 
 
 def format_results(name: str, split: str, step: int, results: dict[str, float]) -> str:
@@ -259,11 +257,11 @@ if __name__ != '__main__':
 
 def _main(flags) -> None:
   del flags
-  train_lib.call_configurable(evaluate, 'evaluate')
+  cli.call_configurable(evaluate, 'evaluate')
 
 
 def main(argv=None) -> None:
-  train_lib.run_main(_main, 'Evaluate an ST-MoE checkpoint (teacher-forced; t5x-style gin).', argv)
+  cli.run_main(_main, 'Evaluate an ST-MoE checkpoint (teacher-forced; t5x-style gin).', argv)
 
 
 if __name__ == '__main__':

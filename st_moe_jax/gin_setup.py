@@ -1,8 +1,10 @@
 """Gin registrations, in one place at the edge: the math and model modules never import gin.
 
 Importing this module registers the configurables the gin files under `gin/` name, under t5x-like
-module prefixes (`models.EncoderDecoder`, `seqio.ByteVocabulary`, ...). Entry points import it before
-parsing gin files; `parse_model_gin` is a helper for tools and tests.
+module prefixes (`models.EncoderDecoder`, `seqio.ByteVocabulary`, `utils.DatasetConfig`,
+`optim.adafactor`, ...). The entry points' own functions (`train_script.train`, `eval_script.evaluate`,
+`infer_script.infer`) are registered in their modules. Entry points import this module (through cli.py)
+before parsing gin files; `parse_model_gin` is a helper for tools and tests.
 """
 
 from typing import Iterable, Optional, Sequence
@@ -11,12 +13,18 @@ import flax.linen as nn
 import gin
 import seqio
 
+from st_moe_jax import data
 from st_moe_jax import models
+from st_moe_jax import optim
 
 for _cls in (models.EncoderDecoder, models.DecoderOnly, models.TransformerConfig, models.MoeConfig):
   gin.external_configurable(_cls, module='models')
 gin.external_configurable(seqio.ByteVocabulary, module='seqio')
 gin.external_configurable(seqio.SentencePieceVocabulary, module='seqio')
+# The run files' names (gin/runs/*.gin, as in t5x).
+gin.external_configurable(data.DatasetConfig, 'utils.DatasetConfig')
+gin.external_configurable(optim.create_learning_rate_scheduler, 'utils.create_learning_rate_scheduler')
+gin.external_configurable(optim.adafactor, 'optim.adafactor')
 
 
 def parse_model_gin(gin_files: Sequence[str], bindings: Iterable[str] = (),

@@ -25,10 +25,10 @@ import gin
 import jax
 import numpy as np
 
+from st_moe_jax import cli
 from st_moe_jax import data as data_lib
 from st_moe_jax import decoding
 from st_moe_jax import evaluate as evaluate_lib
-from st_moe_jax import train as train_lib
 
 
 def _text(vocabulary, tokens: np.ndarray) -> str:
@@ -42,20 +42,20 @@ def infer(*, model: Any = gin.REQUIRED, checkpoint_path: Optional[str] = gin.REQ
           method: str = 'greedy', num_expert_partitions: int = 1, num_model_partitions: int = 1,
           shard_id: int = 0, num_shards: int = 1, write_submissions: bool = True) -> list[str]:
   """Decodes dataset_cfg's split (max_batches batches, None: all); returns the paths written."""
-  checkpoint_path = train_lib.required(checkpoint_path, 'CHECKPOINT_PATH', '"\'runs/my_run\'"')
-  infer_output_dir = train_lib.required(infer_output_dir, 'INFER_OUTPUT_DIR', '"\'runs/my_run/infer\'"')
+  checkpoint_path = cli.required(checkpoint_path, 'CHECKPOINT_PATH', '"\'runs/my_run\'"')
+  infer_output_dir = cli.required(infer_output_dir, 'INFER_OUTPUT_DIR', '"\'runs/my_run/infer\'"')
   tasks = evaluate_lib.tasks_with_split(dataset_cfg.mixture_or_task_name, dataset_cfg.split)
   cfgs = [dataclasses.replace(dataset_cfg, mixture_or_task_name=t.name) for t in tasks]
-  trainer, params, _, _ = evaluate_lib.restore_trainer(model, checkpoint_path, cfgs[0],
-                                                        num_expert_partitions, num_model_partitions)
+  evaluator, params, _, _ = evaluate_lib.restore_evaluator(model, checkpoint_path, cfgs[0],
+                                                            num_expert_partitions, num_model_partitions)
   os.makedirs(infer_output_dir, exist_ok=True)
   suffix = f'-predict.jsonl-{shard_id:05d}-of-{num_shards:05d}'
-  if trainer.kind != data_lib.ENCODER_DECODER:
+  if evaluator.kind != data_lib.ENCODER_DECODER:
     path = os.path.join(infer_output_dir, dataset_cfg.mixture_or_task_name + suffix)
-    return [_infer_decoder_only(trainer, params, dataset_cfg, path, max_batches, method)]
+    return [_infer_decoder_only(evaluator, params, dataset_cfg, path, max_batches, method)]
   paths = []
   for task, cfg in zip(tasks, cfgs):
-    examples, predictions, tokens = evaluate_lib.predict_task(trainer, params, task, cfg, max_batches,
+    examples, predictions, tokens = evaluate_lib.predict_task(evaluator, params, task, cfg, max_batches,
                                                               method)
     records = evaluate_lib.prediction_records(task, examples, predictions)
     for record, toks in zip(records, tokens):
@@ -92,13 +92,13 @@ def _write_submission(output_dir: str, task_name: str, examples, predictions, sp
   return path
 
 
-def _infer_decoder_only(trainer, params, dataset_cfg: data_lib.DatasetConfig, path: str,
+def _infer_decoder_only(evaluator, params, dataset_cfg: data_lib.DatasetConfig, path: str,
                         max_batches: Optional[int], method: str) -> str:
   """Continues the first half of each target sequence (the prompt) to its length."""
   from tasks import common  # pylint: disable=g-import-not-at-top
   vocabulary = common.get_task_or_mixture(dataset_cfg.mixture_or_task_name).output_features[
       'targets'].vocabulary
-  ds = data_lib.get_dataset(dataset_cfg, trainer.kind, num_processes=jax.process_count(),
+  ds = data_lib.get_dataset(dataset_cfg, evaluator.kind, num_processes=jax.process_count(),
                             shard=data_lib.shard_info())
   rows = dataset_cfg.batch_size // jax.process_count()
   records = []
@@ -109,7 +109,7 @@ def _infer_decoder_only(trainer, params, dataset_cfg: data_lib.DatasetConfig, pa
     targets = data_lib.pad_batch(batch, rows)['decoder_target_tokens']
     length = targets.shape[1]
     prompt = np.where(np.arange(length)[None] < length // 2, targets, 0)
-    tokens, _ = decoding.generate(trainer.model, params, max_decode_length=length, method=method,
+    tokens, _ = decoding.generate(evaluator.model, params, max_decode_length=length, method=method,
                                   prompt=prompt)
     tokens = np.asarray(jax.device_get(tokens))
     records += [{'inputs': _text(vocabulary, prompt[row]), 'targets': _text(vocabulary, targets[row]),
@@ -124,11 +124,11 @@ if __name__ != '__main__':
 
 def _main(flags) -> None:
   del flags
-  train_lib.call_configurable(infer, 'infer')
+  cli.call_configurable(infer, 'infer')
 
 
 def main(argv=None) -> None:
-  train_lib.run_main(_main, 'Decode a split with an ST-MoE checkpoint (t5x-style gin).', argv)
+  cli.run_main(_main, 'Decode a split with an ST-MoE checkpoint (t5x-style gin).', argv)
 
 
 if __name__ == '__main__':

@@ -1,11 +1,12 @@
-"""Training losses: cross-entropy with output z-loss and label smoothing, and the MoE loss composition.
+"""Training losses: cross-entropy with output z-loss and label smoothing, and the MoE loss composition; the
+one reader of the metrics MoE layers sow (`moe_metrics`, `per_layer_moe_metrics`).
 
 routing.md §7: total = CE + z_loss · mean (logsumexp logits)² + aux_factor · mean_layers(aux)
 + router_z_factor · mean_layers(router_z), every token mean taken over real target tokens only.
 Metric names are t5x's, so TensorBoard looks the same as a t5x MoE run.
 """
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import flax
 import jax
@@ -13,11 +14,17 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
+# The metrics every MoE layer sows (the one list; moe.py sows these names).
 MOE_METRIC_NAMES = ('auxiliary_loss', 'router_z_loss', 'fraction_tokens_left_behind', 'expert_usage',
                     'router_confidence')
 
+# Default loss coefficients, the one place they are stated (the t5x macros of the same names override them).
+Z_LOSS = 1e-4                 # output-logit z-loss (t5x)
+AUX_LOSS_FACTOR = 0.01        # load-balancing loss (Switch, ST-MoE)
+ROUTER_Z_LOSS_FACTOR = 1e-3   # router z-loss c_z (ST-MoE §3.1)
 
-def token_cross_entropy(logits: Array, targets: Array, *, z_loss: float = 1e-4,
+
+def token_cross_entropy(logits: Array, targets: Array, *, z_loss: float = Z_LOSS,
                         label_smoothing: float = 0.0) -> tuple[Array, Array]:
   """Per-token cross-entropy and output z-loss, in float32.
 
@@ -48,23 +55,53 @@ def token_cross_entropy(logits: Array, targets: Array, *, z_loss: float = 1e-4,
   return cross_entropy, z_loss * jnp.square(log_z)
 
 
+def _sown_by_layer(intermediates: Optional[Mapping[str, Any]], name: str) -> dict[str, list[Array]]:
+  """{'decoder/layers_1': [value per call], ...}: the values sown under `name`, by layer path ('mlp' left
+  out of the path, as t5x names MoE layers)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates or {}))
+  out: dict[str, list[Array]] = {}
+  for path, value in flat.items():
+    if path[-1] == name:
+      layer = '/'.join(str(p) for p in path[:-1] if p != 'mlp')
+      out.setdefault(layer, []).extend(jax.tree.leaves(value))
+  return out
+
+
 def collect_sown(intermediates: Mapping[str, Any], name: str) -> list[Array]:
   """Every value sown under `name` anywhere in a flax 'intermediates' tree (one per layer call; a scanned
   layer's value carries a leading layers axis)."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
-  return [leaf for path, value in flat.items() if path[-1] == name for leaf in jax.tree.leaves(value)]
+  return [v for values in _sown_by_layer(intermediates, name).values() for v in values]
 
 
-def mean_over_layers(intermediates: Mapping[str, Any], name: str) -> Optional[Array]:
-  """Mean of a sown per-layer scalar over all MoE layers (encoder and decoder together); None if absent."""
-  values = collect_sown(intermediates, name)
-  if not values:
-    return None
-  return jnp.mean(jnp.concatenate([jnp.ravel(v).astype(jnp.float32) for v in values]))
+def moe_metrics(intermediates: Optional[Mapping[str, Any]],
+                names: Sequence[str] = MOE_METRIC_NAMES) -> dict[str, Array]:
+  """{name: float32 mean over all MoE layers (encoder and decoder together)} of what the layers sow; names
+  nothing sowed are left out (a dense model gives {}).
+
+  Args:
+    intermediates: the 'intermediates' collection from `model.apply(..., mutable=['intermediates'])`.
+  """
+  out = {}
+  for name in names:
+    values = collect_sown(intermediates or {}, name)
+    if values:
+      out[name] = jnp.mean(jnp.concatenate([jnp.ravel(v).astype(jnp.float32) for v in values]))
+  return out
 
 
-def moe_losses(intermediates: Optional[Mapping[str, Any]], *, aux_loss_factor: float = 0.01,
-               router_z_loss_factor: float = 1e-3) -> tuple[Array, dict[str, Array]]:
+def per_layer_moe_metrics(intermediates: Optional[Mapping[str, Any]],
+                          names: Sequence[str] = MOE_METRIC_NAMES) -> dict[str, Array]:
+  """{'decoder/layers_1/expert_usage': scalar, ...}: each MoE layer's sown metrics (mean over its calls; a
+  scanned stack is one entry, averaged over its layers)."""
+  out = {}
+  for name in names:
+    for layer, values in _sown_by_layer(intermediates, name).items():
+      out[f'{layer}/{name}'] = jnp.mean(jnp.stack([jnp.mean(v.astype(jnp.float32)) for v in values]))
+  return out
+
+
+def moe_losses(intermediates: Optional[Mapping[str, Any]], *, aux_loss_factor: float = AUX_LOSS_FACTOR,
+               router_z_loss_factor: float = ROUTER_Z_LOSS_FACTOR) -> tuple[Array, dict[str, Array]]:
   """The MoE terms of the loss from what MoeLayer sows.
 
   Args:
@@ -77,11 +114,7 @@ def moe_losses(intermediates: Optional[Mapping[str, Any]], *, aux_loss_factor: f
     (aux_loss_factor · mean(aux) + router_z_loss_factor · mean(router_z), metrics): the metrics are
     'experts/<name>' averaged over layers, the two losses already multiplied by their factors.
   """
-  metrics = {}
-  for name in MOE_METRIC_NAMES:
-    value = mean_over_layers(intermediates or {}, name)
-    if value is not None:
-      metrics[f'experts/{name}'] = value
+  metrics = {f'experts/{name}': value for name, value in moe_metrics(intermediates).items()}
   if not metrics:
     return jnp.zeros((), jnp.float32), metrics
   for name, factor in (('auxiliary_loss', aux_loss_factor), ('router_z_loss', router_z_loss_factor)):
@@ -93,9 +126,9 @@ def moe_losses(intermediates: Optional[Mapping[str, Any]], *, aux_loss_factor: f
 
 
 def compute_loss(logits: Array, targets: Array, weights: Optional[Array] = None,
-                 intermediates: Optional[Mapping[str, Any]] = None, *, z_loss: float = 1e-4,
-                 label_smoothing: float = 0.0, aux_loss_factor: float = 0.01,
-                 router_z_loss_factor: float = 1e-3,
+                 intermediates: Optional[Mapping[str, Any]] = None, *, z_loss: float = Z_LOSS,
+                 label_smoothing: float = 0.0, aux_loss_factor: float = AUX_LOSS_FACTOR,
+                 router_z_loss_factor: float = ROUTER_Z_LOSS_FACTOR,
                  loss_normalizing_factor: Optional[float] = None) -> tuple[Array, dict[str, Array]]:
   """The training loss and its metrics.
 

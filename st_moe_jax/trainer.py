@@ -1,6 +1,10 @@
-"""Train and eval steps, the training loop, metrics (TensorBoard + console).
+"""Train and eval steps, evaluation over a split, and the training loop with its resume policy.
 
-  init ─► loop: batch ─► train_step (jit, sharded) ─► log / eval / checkpoint ─► ... ─► final checkpoint
+  prepare (shapes) ─► init_state / resume / fine-tune ─► loop: batch ─► train_step (jit, sharded)
+      ─► log (summaries.py) / eval / checkpoint ─► ... ─► final checkpoint
+
+An Evaluator has the model, the mesh and the eval step (no optimizer: evaluate.py and infer.py use it); a
+Trainer adds the optimizer, the train state and the train step.
 
 The steps are jit-compiled with explicit in/out shardings from partitioning.py and traced inside
 `partitioning.activate(mesh, rules)`, so the MoE layer's logical sharding constraints apply. The loss is
@@ -11,7 +15,7 @@ Batches are dicts of <int32>[B, L] arrays from data.py (B = BATCH_SIZE over all 
 """
 
 import dataclasses
-import logging
+import functools
 import math
 import os
 import time
@@ -29,10 +33,10 @@ from st_moe_jax import data as data_lib
 from st_moe_jax import losses
 from st_moe_jax import optim
 from st_moe_jax import partitioning
+from st_moe_jax import summaries
 
 PyTree = Any
 Batch = Mapping[str, Any]
-MOE_METRICS = losses.MOE_METRIC_NAMES
 # Byte vocabularies (seqio.ByteVocabulary): ids 0-2 are pad / EOS / UNK, then one id per byte.
 BYTE_ID_OFFSET = 3
 
@@ -49,14 +53,37 @@ class TrainState:
   opt_state: PyTree
 
 
+def _is_schedule_state(node: Any) -> bool:
+  return isinstance(node, optax.ScaleByScheduleState)
+
+
+def continue_schedule(opt_state: PyTree, step: int) -> PyTree:
+  """opt_state with every learning-rate schedule's count (optax.ScaleByScheduleState) set to `step`.
+
+  A fresh optimizer state counts from 0; t5x evaluates the schedule at the global step, so a state that
+  starts at step S (fine-tuning, Lory's switch) must count from S too. Works on traced states.
+  """
+  def at_step(node):
+    if _is_schedule_state(node):
+      return node._replace(count=jnp.asarray(step, node.count.dtype))
+    return node
+  return jax.tree.map(at_step, opt_state, is_leaf=_is_schedule_state)
+
+
+def schedule_count(opt_state: PyTree) -> Optional[jax.Array]:
+  """The step the optimizer's learning-rate schedule is at (what the next update uses); None without one."""
+  counts = [n.count for n in jax.tree.leaves(opt_state, is_leaf=_is_schedule_state) if _is_schedule_state(n)]
+  return counts[0] if counts else None
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   """losses.compute_loss options (t5x macros: Z_LOSS, LABEL_SMOOTHING, AUX_LOSS_FACTOR,
   ROUTER_Z_LOSS_FACTOR, LOSS_NORMALIZING_FACTOR)."""
-  z_loss: float = 1e-4
+  z_loss: float = losses.Z_LOSS
   label_smoothing: float = 0.0
-  aux_loss_factor: float = 0.01
-  router_z_loss_factor: float = 1e-4
+  aux_loss_factor: float = losses.AUX_LOSS_FACTOR
+  router_z_loss_factor: float = losses.ROUTER_Z_LOSS_FACTOR
   loss_normalizing_factor: Optional[float] = None
 
 
@@ -70,90 +97,57 @@ def model_inputs(batch: Batch, model_kind: str) -> dict[str, Any]:
   return {k: batch[k] for k in names if k in batch}
 
 
-def per_layer_moe_metrics(intermediates: PyTree) -> dict[str, jax.Array]:
-  """{'decoder/layers_1/expert_usage': scalar, ...}: each MoE layer's sown metrics (mean over calls)."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
-  out = {}
-  for path, value in flat.items():
-    if path[-1] in MOE_METRICS:
-      layer = '/'.join(str(p) for p in path[:-1] if p != 'mlp')
-      out[f'{layer}/{path[-1]}'] = jnp.mean(jnp.stack([jnp.mean(v) for v in jax.tree.leaves(value)]))
-  return out
-
-
-class Trainer:
-  """Jitted, sharded train and eval steps for one model.
+class Evaluator:
+  """A jitted, sharded eval step for one model, built from the model and the mesh alone (no optimizer);
+  it evaluates whatever parameters it is given.
 
   Args:
     model: models.EncoderDecoder or models.DecoderOnly.
-    make_optimizer: (learning_rate_schedule, factor_rules) -> optax transformation, e.g. optim.adafactor.
-    learning_rate: an optax schedule of the step.
     mesh, rules: from partitioning.create_mesh / standard_logical_axis_rules.
+    model_kind: data.ENCODER_DECODER or data.DECODER_ONLY (which batch features the model takes).
     loss_config: LossConfig.
-    seed: RANDOM_SEED for parameter init; dropout / jitter keys are fold_in(seed, step), so a resumed run
-      draws the same randomness as an uninterrupted one.
-    freeze_patterns: regexes of parameter paths to keep fixed (optim.freeze), e.g. ST-MoE's experts and
-      routers when fine-tuning.
+    seed: RANDOM_SEED for parameter init.
+
+  `prepare(first_batch)` fixes the shapes; then abstract_params, param_shardings and logical_axes are set.
   """
 
-  def __init__(self, model: nn.Module, make_optimizer: Callable[..., optax.GradientTransformation],
-               learning_rate: optax.Schedule, mesh: jax.sharding.Mesh,
-               rules: Optional[Sequence] = None, loss_config: LossConfig = LossConfig(), seed: int = 0,
-               freeze_patterns: Sequence[str] = ()):
+  def __init__(self, model: nn.Module, mesh: jax.sharding.Mesh, *, model_kind: str,
+               rules: Optional[Sequence] = None, loss_config: LossConfig = LossConfig(), seed: int = 0):
     self.model = model
-    self.kind = data_lib.model_kind_of(model)
-    self.make_optimizer = make_optimizer
-    self.learning_rate = learning_rate
+    self.kind = model_kind
     self.mesh = mesh
     self.rules = rules or partitioning.standard_logical_axis_rules()
     self.loss_config = loss_config
     self.seed = seed
-    self.freeze_patterns = tuple(freeze_patterns)
-    self._compiled = None
 
-  # ------------------------------------------------------------------------------------------- setup
-  def _init_variables(self, rng: jax.Array, batch: Batch) -> PyTree:
-    return self.model.init({'params': rng, 'dropout': rng}, **model_inputs(batch, self.kind),
-                           enable_dropout=False)['params']
-
-  def setup(self, batch: Batch) -> None:
-    """Abstract shapes, shardings and the optimizer from one (host) batch's shapes; compiles nothing."""
+  def prepare(self, local_batch: Batch) -> None:
+    """Shapes and shardings from one process-local batch (global batch = local rows × processes); no
+    arrays are made and nothing is compiled yet."""
+    rows = jax.process_count()
+    self.abstract_batch = {k: jax.ShapeDtypeStruct((v.shape[0] * rows,) + v.shape[1:], v.dtype)
+                           for k, v in local_batch.items()}
+    self.batch_shardings = partitioning.batch_shardings(self.abstract_batch, self.mesh)
     with partitioning.activate(self.mesh, self.rules):
-      boxed = jax.eval_shape(self._init_variables, jax.random.key(0), batch)
-      self.param_shardings = partitioning.param_shardings(boxed, self.mesh, self.rules)
-    self.logical_axes = partitioning.logical_axes(boxed)
-    tx = self.make_optimizer(self.learning_rate, optim.factor_rules(boxed))
-    self.tx = optim.freeze(tx, self.freeze_patterns) if self.freeze_patterns else tx
-    abstract_params = nn.unbox(boxed)
-    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-    self.opt_shardings = partitioning.opt_state_shardings(abstract_opt, abstract_params, self.param_shardings)
-    self.abstract_params = _with_shardings(abstract_params, self.param_shardings)
-    self.abstract_opt_state = _with_shardings(abstract_opt, self.opt_shardings)
-    replicated = partitioning.replicated(self.mesh)
-    self.state_shardings = TrainState(replicated, self.param_shardings, self.opt_shardings)
-    self.batch_shardings = partitioning.batch_shardings(dict(batch), self.mesh)
-    self._compile()
+      self.boxed_params = jax.eval_shape(self._boxed_params)
+    self.param_shardings = partitioning.param_shardings(self.boxed_params, self.mesh, self.rules)
+    self.logical_axes = partitioning.logical_axes(self.boxed_params)
+    self.abstract_params = _with_shardings(nn.unbox(self.boxed_params), self.param_shardings)
+    self._eval = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_shardings),
+                         out_shardings=partitioning.replicated(self.mesh))
+
+  def _boxed_params(self) -> PyTree:
+    """Fresh parameters with their logical-axes boxes; traced only (the key is made inside the trace, so
+    nothing is placed on a device before the mesh says where)."""
+    example = {k: jnp.zeros(v.shape, v.dtype) for k, v in self.abstract_batch.items()}
+    rng = jax.random.key(self.seed)
+    return self.model.init({'params': rng, 'dropout': rng}, **model_inputs(example, self.kind),
+                           enable_dropout=False)['params']
 
   def init_params(self) -> PyTree:
     """Fresh parameters (seeded by RANDOM_SEED), created directly with their shardings."""
-    example = {k: jnp.zeros(v.shape, jnp.int32) for k, v in self.abstract_batch.items()}
-    init = jax.jit(lambda rng: nn.unbox(self._init_variables(rng, example)),
-                   out_shardings=self.param_shardings)
     with partitioning.activate(self.mesh, self.rules):
-      return init(jax.random.key(self.seed))
+      return jax.jit(lambda: nn.unbox(self._boxed_params()), out_shardings=self.param_shardings)()
 
-  def init_opt_state(self, params: PyTree) -> PyTree:
-    with partitioning.activate(self.mesh, self.rules):
-      return jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
-
-  def create_state(self, params: Optional[PyTree] = None, opt_state: Optional[PyTree] = None,
-                   step: int = 0) -> TrainState:
-    params = self.init_params() if params is None else params
-    opt_state = self.init_opt_state(params) if opt_state is None else opt_state
-    step = jax.device_put(jnp.asarray(step, jnp.int32), partitioning.replicated(self.mesh))
-    return TrainState(step, params, opt_state)
-
-  # ------------------------------------------------------------------------------------------- steps
   def _loss(self, params: PyTree, batch: Batch, rng: Optional[jax.Array], train: bool):
     logits, state = self.model.apply(
         {'params': params}, **model_inputs(batch, self.kind), enable_dropout=train,
@@ -166,19 +160,6 @@ class Trainer:
         loss_normalizing_factor=cfg.loss_normalizing_factor)
     return loss, (metrics, state.get('intermediates', {}))
 
-  def _train_step(self, state: TrainState, batch: Batch):
-    rng = jax.random.fold_in(jax.random.key(self.seed), state.step)
-    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-    (_, (metrics, _)), grads = grad_fn(state.params, batch, rng, True)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # A finite loss can still come with a non-finite update (e.g. an infinite gradient): both are checked
-    # so that no checkpoint ever holds the parameters of a diverged step.
-    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(optax.global_norm(updates))
-    metrics = {**metrics, 'learning_rate': jnp.asarray(self.learning_rate(state.step), jnp.float32),
-               'finite': finite}
-    return TrainState(state.step + 1, params, opt_state), metrics
-
   def _eval_step(self, params: PyTree, batch: Batch) -> dict[str, jax.Array]:
     """Token sums (so batches of different fill average exactly) and per-layer MoE metrics."""
     _, (metrics, intermediates) = self._loss(params, batch, None, False)
@@ -188,38 +169,88 @@ class Trainer:
     sums = {f'sum/{k}': v * tokens for k, v in metrics.items() if not k.startswith('experts/')}
     return {**sums, 'tokens': tokens, 'byte_tokens': byte_tokens,
             **{k: v for k, v in metrics.items() if k.startswith('experts/')},
-            **{f'layer/{k}': v for k, v in per_layer_moe_metrics(intermediates).items()}}
-
-  def _compile(self) -> None:
-    replicated = partitioning.replicated(self.mesh)
-    self._train = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings),
-                          out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
-    self._eval = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_shardings),
-                         out_shardings=replicated)
-
-  @property
-  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-    return self._abstract_batch
+            **{f'layer/{k}': v for k, v in losses.per_layer_moe_metrics(intermediates).items()}}
 
   def global_batch(self, local: Batch) -> dict[str, jax.Array]:
     """This process's numpy rows → global arrays sharded over ('expert', 'data')."""
     return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], np.asarray(v))
             for k, v in local.items()}
 
-  def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    with partitioning.activate(self.mesh, self.rules):
-      return self._train(state, self.global_batch(batch))
-
   def eval_step(self, params: PyTree, batch: Batch) -> dict[str, jax.Array]:
     with partitioning.activate(self.mesh, self.rules):
       return self._eval(params, self.global_batch(batch))
 
+
+class Trainer(Evaluator):
+  """An Evaluator plus the optimizer: the train state and a jitted, sharded train step.
+
+  Args (besides Evaluator's):
+    make_optimizer: (learning_rate_schedule, factor_rules) -> optax transformation, e.g. optim.adafactor.
+    learning_rate: an optax schedule of the step.
+    seed: RANDOM_SEED for parameter init; dropout / jitter keys are fold_in(seed, step), so a resumed run
+      draws the same randomness as an uninterrupted one.
+    freeze_patterns: regexes of parameter paths to keep fixed (optim.freeze), e.g. ST-MoE's experts and
+      routers when fine-tuning.
+  """
+
+  def __init__(self, model: nn.Module, make_optimizer: Callable[..., optax.GradientTransformation],
+               learning_rate: optax.Schedule, mesh: jax.sharding.Mesh, *, model_kind: str,
+               rules: Optional[Sequence] = None, loss_config: LossConfig = LossConfig(), seed: int = 0,
+               freeze_patterns: Sequence[str] = ()):
+    super().__init__(model, mesh, model_kind=model_kind, rules=rules, loss_config=loss_config, seed=seed)
+    self.make_optimizer = make_optimizer
+    self.learning_rate = learning_rate
+    self.freeze_patterns = tuple(freeze_patterns)
+
   def prepare(self, local_batch: Batch) -> None:
-    """setup() from a process-local batch (global batch = local rows × processes)."""
-    rows = jax.process_count()
-    self._abstract_batch = {k: jax.ShapeDtypeStruct((v.shape[0] * rows,) + v.shape[1:], v.dtype)
-                            for k, v in local_batch.items()}
-    self.setup(self._abstract_batch)
+    """Evaluator.prepare, the optimizer, and the train state's shapes and shardings (`abstract_state`)."""
+    super().prepare(local_batch)
+    tx = self.make_optimizer(self.learning_rate, optim.factor_rules(self.boxed_params))
+    self.tx = optim.freeze(tx, self.freeze_patterns) if self.freeze_patterns else tx
+    with partitioning.activate(self.mesh, self.rules):
+      abstract = jax.eval_shape(functools.partial(self._build_state, 0, None))
+    opt_shardings = partitioning.opt_state_shardings(abstract.opt_state, abstract.params, self.param_shardings)
+    self.state_shardings = TrainState(partitioning.replicated(self.mesh), self.param_shardings, opt_shardings)
+    self.abstract_state = _with_shardings(abstract, self.state_shardings)
+    self._train = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings),
+                          out_shardings=(self.state_shardings, partitioning.replicated(self.mesh)),
+                          donate_argnums=(0,))
+
+  def _build_state(self, step: int, params: Optional[PyTree]) -> TrainState:
+    """The one definition of a train state at `step` (traced): `params` where given (all of them, or the
+    ones a fine-tuning checkpoint had), fresh ones from RANDOM_SEED elsewhere, and a fresh optimizer state
+    whose learning-rate schedule goes on from `step`."""
+    fresh = nn.unbox(self._boxed_params())  # unused leaves are dropped by XLA
+    params = fresh if params is None else ckpt_lib.merge_params(fresh, params)
+    opt_state = continue_schedule(self.tx.init(params), step)
+    return TrainState(jnp.asarray(step, jnp.int32), params, opt_state)
+
+  def init_state(self, step: int = 0, params: Optional[PyTree] = None) -> TrainState:
+    """A train state at `step`, created directly with its shardings (see _build_state). `params` (a full
+    or partial tree) is consumed: its buffers may be reused for the state's."""
+    build = jax.jit(self._build_state, static_argnums=(0,), out_shardings=self.state_shardings,
+                    donate_argnums=(1,))
+    with partitioning.activate(self.mesh, self.rules):
+      return build(step, params)
+
+  def _train_step(self, state: TrainState, batch: Batch):
+    rng = jax.random.fold_in(jax.random.key(self.seed), state.step)
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    (_, (metrics, _)), grads = grad_fn(state.params, batch, rng, True)
+    # The learning rate this update uses: the schedule at the optimizer's count.
+    count = schedule_count(state.opt_state)
+    learning_rate = self.learning_rate(state.step if count is None else count)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A finite loss can still come with a non-finite update (e.g. an infinite gradient): both are checked
+    # so that no checkpoint ever holds the parameters of a diverged step.
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(optax.global_norm(updates))
+    metrics = {**metrics, 'learning_rate': jnp.asarray(learning_rate, jnp.float32), 'finite': finite}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    with partitioning.activate(self.mesh, self.rules):
+      return self._train(state, self.global_batch(batch))
 
 
 def _with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
@@ -229,7 +260,7 @@ def _with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation over many batches.
 
-def evaluate(trainer: Trainer, params: PyTree, batches: Iterator[Batch], batch_size: int,
+def evaluate(evaluator: Evaluator, params: PyTree, batches: Iterator[Batch], batch_size: int,
              max_batches: Optional[int] = None) -> dict[str, float]:
   """Teacher-forced metrics over `batches` (padded to batch_size), weighted by real target tokens.
 
@@ -243,7 +274,7 @@ def evaluate(trainer: Trainer, params: PyTree, batches: Iterator[Batch], batch_s
   for i, batch in enumerate(batches):
     if max_batches is not None and i >= max_batches:
       break
-    out = jax.device_get(trainer.eval_step(params, data_lib.pad_batch(batch, batch_size)))
+    out = jax.device_get(evaluator.eval_step(params, data_lib.pad_batch(batch, batch_size)))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
     count += 1
@@ -259,47 +290,6 @@ def evaluate(trainer: Trainer, params: PyTree, batches: Iterator[Batch], batch_s
   result['eval_batches'] = count
   result['target_tokens'] = tokens
   return result
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Metric writing.
-
-class SummaryWriter:
-  """TensorBoard scalars in event files under `directory` (process 0 only).
-
-  Written with TF's core summary op and the 'scalars' plugin metadata, which is what tf.summary.scalar
-  writes; it does not need the tensorboard package (not pinned here).
-  """
-
-  def __init__(self, directory: str):
-    self._writer = None
-    if jax.process_index() == 0:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-      self._tf = tf
-      self._metadata = summary_pb2.SummaryMetadata(
-          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars')).SerializeToString()
-      self._writer = tf.summary.create_file_writer(directory)
-
-  def write(self, step: int, scalars: Mapping[str, float]) -> None:
-    if self._writer is None:
-      return
-    with self._writer.as_default():
-      for tag, value in scalars.items():
-        self._tf.summary.write(tag, self._tf.constant(float(value), self._tf.float32), step=step,
-                               metadata=self._metadata)
-    self._writer.flush()
-
-  def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-
-
-def _console_line(step: int, total: int, metrics: Mapping[str, float], steps_per_s: float,
-                  tokens_per_s: float) -> str:
-  return (f'step {step:>6d}/{total}  loss {metrics["loss"]:.4f}  ce {metrics["cross_ent_loss"]:.4f}  '
-          f'acc {metrics["accuracy"]:.3f}  lr {metrics["learning_rate"]:.2e}  '
-          f'| {steps_per_s:.2f} steps/s  {tokens_per_s / 1e3:.1f}k tokens/s')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,7 +327,7 @@ def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loo
     initial_checkpoint_path: INITIAL_CHECKPOINT_PATH for fine-tuning when MODEL_DIR has no checkpoint.
     start_state: makes the state to start from once the trainer is set up, instead of resuming from
       MODEL_DIR's latest checkpoint (which is another model's: Lory's dense warm-up switches this way,
-      `train.fit_with_dense_warmup`). train_data is used where it stands.
+      `lory_warmup.fit_with_dense_warmup`). train_data is used where it stands.
 
   Raises:
     TrainingDivergedError: NaN / inf loss. Nothing from the diverged steps is saved.
@@ -347,19 +337,19 @@ def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loo
   first = next(train_data)
   trainer.prepare(first)
   if start_state is not None:
-    state = start_state(trainer)
+    state, resumed = start_state(trainer), False
   else:
-    state = _initial_state(trainer, manager, train_data, initial_checkpoint_path, print_fn)
-  if start_state is not None or manager.latest_step() is None or int(state.step) != manager.latest_step():
-    pending = [first]  # a fresh start (or a given one) trains on the batch used for shapes
-  else:
-    pending = []  # resumed: the restored iterator is positioned at the next batch
-    if int(state.step) >= loop.train_steps:
-      print_fn(f'{model_dir} is already at step {int(state.step)} >= TRAIN_STEPS={loop.train_steps}.')
-      manager.close()
-      return state
-  train_writer = SummaryWriter(os.path.join(model_dir, 'train'))
-  eval_writer = SummaryWriter(os.path.join(model_dir, 'training_eval', eval_name)) if eval_data else None
+    state, resumed = _initial_state(trainer, manager, train_data, initial_checkpoint_path, print_fn)
+  # Resumed, the restored iterator is positioned at the next batch; otherwise the run trains on the batch
+  # used for shapes.
+  pending = [] if resumed else [first]
+  if resumed and int(state.step) >= loop.train_steps:
+    print_fn(f'{model_dir} is already at step {int(state.step)} >= TRAIN_STEPS={loop.train_steps}.')
+    manager.close()
+    return state
+  train_writer = summaries.SummaryWriter(os.path.join(model_dir, 'train'))
+  eval_writer = (summaries.SummaryWriter(os.path.join(model_dir, 'training_eval', eval_name))
+                 if eval_data else None)
   first_bad = jnp.asarray(-1, jnp.int32)  # the first step whose loss was not finite, kept on device
   step = int(state.step)
   start = tic = time.time()
@@ -387,18 +377,15 @@ def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loo
                         'timing/target_tokens_per_second': tokens_per_s,
                         'timing/compilation_seconds': compile_s})
         train_writer.write(step, scalars)
-        print_fn(_console_line(step, loop.train_steps, scalars, steps_per_s, tokens_per_s)
-                 + f'  [{time.time() - start:.0f}s]')
+        print_fn(summaries.train_line(step, loop.train_steps, scalars, steps_per_s, tokens_per_s,
+                                      time.time() - start))
         tic, window_steps, window_tokens = time.time(), 0, 0.0
       if eval_data is not None and (step % loop.eval_period == 0 or done):
         _check_finite(first_bad, manager, model_dir)
         eval_start = time.time()
         results = evaluate(trainer, state.params, eval_data(), loop.batch_size, loop.eval_steps)
         eval_writer.write(step, {k: v for k, v in results.items() if not k.startswith('layer/')})
-        print_fn(f'eval  {step:>6d}  {eval_name}: loss {results["loss"]:.4f}  '
-                 f'accuracy {results["accuracy"]:.3f}'
-                 + (f'  bits/byte {results["bits_per_byte"]:.3f}' if 'bits_per_byte' in results else '')
-                 + f'  [{time.time() - start:.0f}s]')
+        print_fn(summaries.eval_line(step, eval_name, results, time.time() - start))
         tic += time.time() - eval_start  # throughput counts training time only
       if manager.should_save(step) or done:
         _check_finite(first_bad, manager, model_dir)
@@ -428,20 +415,26 @@ def _check_finite(first_bad: jax.Array, manager: ckpt_lib.CheckpointManager, mod
 
 def _initial_state(trainer: Trainer, manager: ckpt_lib.CheckpointManager,
                    train_data: data_lib.DataIterator, initial_checkpoint_path: Optional[str],
-                   print_fn: Callable[[str], None]) -> TrainState:
-  """Resume from MODEL_DIR's latest checkpoint; else fine-tune from INITIAL_CHECKPOINT_PATH; else init."""
+                   print_fn: Callable[[str], None]) -> tuple[TrainState, bool]:
+  """(state, resumed): MODEL_DIR's latest checkpoint (with the data iterator's position); else fine-tuning
+  from INITIAL_CHECKPOINT_PATH; else a fresh state.
+
+  Fine-tuning keeps the checkpoint's step and, as t5x, the learning-rate schedule goes on from it; the
+  optimizer state is fresh (new parameters are initialised).
+  """
   latest = manager.latest_step()
   if latest is not None:
-    params, opt_state = manager.restore(latest, trainer.abstract_params, trainer.abstract_opt_state,
-                                        train_data)
+    abstract = trainer.abstract_state
+    params, opt_state = manager.restore(latest, abstract.params, abstract.opt_state, train_data)
     print_fn(f'Resumed from {manager.directory}/checkpoint_{latest}.')
-    return trainer.create_state(params, opt_state, latest)
+    step = jax.device_put(np.int32(latest), trainer.state_shardings.step)
+    return TrainState(step, params, opt_state), True
   if initial_checkpoint_path:
     restored, missing = ckpt_lib.restore_params(initial_checkpoint_path, trainer.abstract_params,
                                                 partial=True)
-    params = ckpt_lib.merge_params(trainer.init_params(), restored)
     step = ckpt_lib.checkpoint_step(ckpt_lib.resolve_checkpoint_dir(initial_checkpoint_path))
-    print_fn(f'Fine-tuning from {initial_checkpoint_path} (step {step}); fresh optimizer state'
+    print_fn(f'Fine-tuning from {initial_checkpoint_path} (step {step}); fresh optimizer state, learning-rate '
+             f'schedule continued from step {step}'
              + (f'; {len(missing)} new parameters initialised: {missing[:6]}' if missing else '') + '.')
-    return trainer.create_state(params, None, step)
-  return trainer.create_state()
+    return trainer.init_state(step, restored), False
+  return trainer.init_state(), False

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from st_moe_jax import train as train_lib
+from st_moe_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--gin.EMBED_DIM=32', '--gin.MLP_DIM=48', '--gin.NUM_HEADS=2', '--gin.HEAD_DIM=16',
@@ -24,7 +24,7 @@ def pretrain_args(model_dir, *extra):
 
 
 def test_rewrite_gin_args():
-  assert train_lib.rewrite_gin_args(['--gin.MODEL_DIR="x"', '--gin_file=a.gin']) == [
+  assert cli.rewrite_gin_args(['--gin.MODEL_DIR="x"', '--gin_file=a.gin']) == [
       '--gin_bindings=MODEL_DIR = "x"', '--gin_file=a.gin']
 
 
@@ -60,6 +60,15 @@ def test_batch_not_divisible_by_mesh(tmp_path, cli_error):
 def test_experts_not_divisible_by_partitions(tmp_path, cli_error):
   err = cli_error(pretrain_args(tmp_path, '--gin.NUM_EXPERT_PARTITIONS=3'))
   assert 'NUM_EXPERTS=4 is not divisible by NUM_EXPERT_PARTITIONS=3' in err
+
+
+def test_finished_run_builds_no_data_pipeline(tmp_path, monkeypatch, capsys):
+  """MODEL_DIR already at TRAIN_STEPS: the run stops before reading data (the unknown task is not looked up)."""
+  from st_moe_jax import train
+  (tmp_path / 'checkpoint_2').mkdir()
+  monkeypatch.chdir(REPO)
+  train.main(pretrain_args(tmp_path, '--gin.MIXTURE_OR_TASK_NAME="no_such_task"'))
+  assert 'is already at step 2 >= TRAIN_STEPS=2' in capsys.readouterr().out
 
 
 def run_cli(module, argv):

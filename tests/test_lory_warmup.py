@@ -1,4 +1,4 @@
-"""Lory's dense warm-up (train.fit_with_dense_warmup): the plan and its errors, the switch (every expert a
+"""Lory's dense warm-up (lory_warmup.fit_with_dense_warmup): the plan and its errors, the switch (every expert a
 copy of the dense FFN, the same function), training on after it, resuming across it, and the gin run file."""
 
 import os
@@ -24,9 +24,10 @@ def lory_model(**moe):
 
 def make_trainer(model, learning_rate=None):
   import jax
-  from st_moe_jax import optim, partitioning, trainer
+  from st_moe_jax import data, optim, partitioning, trainer
   mesh = partitioning.create_mesh(jax.devices()[:1], num_expert_partitions=1)
-  return trainer.Trainer(model, optim.adafactor, learning_rate or optim.constant_schedule(0.01), mesh, seed=0)
+  return trainer.Trainer(model, optim.adafactor, learning_rate or optim.constant_schedule(0.01), mesh,
+                         model_kind=data.DECODER_ONLY, seed=0)
 
 
 def make_data():
@@ -38,10 +39,10 @@ def make_data():
 
 def run_with_warmup(model_dir, train_steps, warmup, learning_rate=None, lines=None):
   """fit_with_dense_warmup to train_steps (resuming from model_dir); checkpoints at the switch and the end."""
-  from st_moe_jax import train, trainer
+  from st_moe_jax import lory_warmup, trainer
   model = lory_model()
   loop = trainer.LoopConfig(train_steps, BATCH, log_period=1, eval_period=1000, checkpoint_period=1000)
-  return train.fit_with_dense_warmup(
+  return lory_warmup.fit_with_dense_warmup(
       make_trainer(warmup.dense_model, learning_rate), make_trainer(model, learning_rate), warmup, model_dir,
       make_data(), loop, print_fn=(lines.append if lines is not None else lambda _: None))
 
@@ -78,37 +79,38 @@ def test_dense_warmup_steps():
 
 
 def test_warmup_plan_and_config_errors():
-  from st_moe_jax import models, train
-  warmup = train.lory_dense_warmup(lory_model(), 0.4, 5)
+  from st_moe_jax import cli, lory_warmup, models
+  warmup = lory_warmup.lory_dense_warmup(lory_model(), 0.4, 5)
   assert warmup.steps == 2 and warmup.layer_indices == (0, 1) and warmup.num_experts == 4
   assert warmup.dense_model.moe is None and warmup.dense_model.config == lory_model().config
-  assert train.lory_dense_warmup(lory_model(), 0.0, 5) is None
+  assert lory_warmup.lory_dense_warmup(lory_model(), 0.0, 5) is None
   encdec = models.EncoderDecoder(lory_model().config, None, lory_model().moe)  # a Lory decoder works too
-  assert train.lory_dense_warmup(encdec, 0.4, 5).dense_model.decoder_moe is None
+  assert lory_warmup.lory_dense_warmup(encdec, 0.4, 5).dense_model.decoder_moe is None
   sparse = lory_model(moe_type='sparse', extra_mlp=False)
   for model in (sparse, models.DecoderOnly(sparse.config, None)):
-    with pytest.raises(train.UserError, match='no Lory layers.*gin/routers/lory.gin'):
-      train.lory_dense_warmup(model, 0.05, 100)
-  with pytest.raises(train.UserError, match='EXPERT_MLP_DIM = MLP_DIM'):
-    train.lory_dense_warmup(lory_model(expert_mlp_dim=32), 0.05, 100)
-  with pytest.raises(train.UserError, match='EXTRA_MLP = False'):
-    train.lory_dense_warmup(lory_model(extra_mlp=True), 0.05, 100)
-  with pytest.raises(train.UserError, match='LORY_DENSE_WARMUP_FRACTION'):
-    train.lory_dense_warmup(lory_model(), 1.0, 100)
+    with pytest.raises(cli.UserError, match='no Lory layers.*gin/routers/lory.gin'):
+      lory_warmup.lory_dense_warmup(model, 0.05, 100)
+  with pytest.raises(cli.UserError, match='EXPERT_MLP_DIM = MLP_DIM'):
+    lory_warmup.lory_dense_warmup(lory_model(expert_mlp_dim=32), 0.05, 100)
+  with pytest.raises(cli.UserError, match='EXTRA_MLP = False'):
+    lory_warmup.lory_dense_warmup(lory_model(extra_mlp=True), 0.05, 100)
+  with pytest.raises(cli.UserError, match='LORY_DENSE_WARMUP_FRACTION'):
+    lory_warmup.lory_dense_warmup(lory_model(), 1.0, 100)
 
 
 def test_continue_schedule_sets_only_the_schedule_count():
   import jax
   import jax.numpy as jnp
   import optax
-  from st_moe_jax import optim, train
+  from st_moe_jax import optim, trainer
   params = {'w': jnp.ones((3, 2))}
   tx = optim.adafactor(optim.rsqrt_schedule(1.0, warmup_steps=4))
-  state = train.continue_schedule(tx.init(params), 7)
+  state = trainer.continue_schedule(tx.init(params), 7)
   counts = [s.count for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
             if isinstance(s, optax.ScaleByScheduleState)]
   assert [int(c) for c in counts] == [7]
   assert int(state[0].count) == 0  # Adafactor's own statistics (and their β₂ schedule) start afresh
+  assert int(trainer.schedule_count(state)) == 7
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,9 +123,9 @@ def test_switch_copies_the_dense_ffn_into_every_expert(tmp_path):
   step 2: a schedule restarted at 0 would give 0.01 and move the parameters."""
   import jax
   import jax.numpy as jnp
-  from st_moe_jax import train
+  from st_moe_jax import lory_warmup
   model_dir, lines = str(tmp_path / 'run'), []
-  warmup = train.lory_dense_warmup(lory_model(), 0.4, 5)
+  warmup = lory_warmup.lory_dense_warmup(lory_model(), 0.4, 5)
   run_with_warmup(model_dir, 3, warmup, lambda step: jnp.where(step < 2, 0.01, 0.0), lines)
   assert sorted(d for d in os.listdir(model_dir) if d.startswith('checkpoint')) == [
       'checkpoint_2', 'checkpoint_3']
@@ -160,8 +162,8 @@ def test_resume_across_the_switch_matches_an_uninterrupted_run(tmp_path):
   """Stopped before the switch (dense checkpoint_1), then after it (Lory checkpoint_3): the final
   parameters equal an uninterrupted run's, and training after the switch moves the experts apart."""
   import jax
-  from st_moe_jax import train, trainer
-  warmup = train.lory_dense_warmup(lory_model(), 0.4, 5)  # W = 2
+  from st_moe_jax import lory_warmup, trainer
+  warmup = lory_warmup.lory_dense_warmup(lory_model(), 0.4, 5)  # W = 2
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   lines = []
   run_with_warmup(straight, 5, warmup, lines=lines)

@@ -114,3 +114,23 @@ def test_collects_what_moe_layer_sows():
   np.testing.assert_allclose(float(metrics['experts/router_z_loss']), 2.0 * np.mean(per_layer), rtol=1e-6)
   np.testing.assert_allclose(float(moe_loss), 2.0 * np.mean(per_layer), rtol=1e-6)
   assert set(metrics) == {f'experts/{n}' for n in losses.MOE_METRIC_NAMES}
+
+  means = losses.moe_metrics(state['intermediates'])
+  assert set(means) == set(losses.MOE_METRIC_NAMES)
+  np.testing.assert_allclose(float(means['router_z_loss']), np.mean(per_layer), rtol=1e-6)
+  layers = losses.per_layer_moe_metrics(state['intermediates'])
+  assert set(layers) == {f'layers_{i}/{n}' for i in range(2) for n in losses.MOE_METRIC_NAMES}
+  np.testing.assert_allclose([float(layers[f'layers_{i}/router_z_loss']) for i in range(2)], per_layer,
+                             rtol=1e-6)
+  assert losses.moe_metrics({}) == {} and losses.per_layer_moe_metrics(None) == {}  # a dense model
+
+
+def test_loss_factor_defaults_are_stated_once():
+  """ST-MoE's router z-loss 1e-3 (not t5x's output z-loss 1e-4) is the default everywhere."""
+  import inspect
+  from st_moe_jax import train, trainer
+  assert losses.ROUTER_Z_LOSS_FACTOR == 1e-3 and losses.Z_LOSS == 1e-4 and losses.AUX_LOSS_FACTOR == 0.01
+  assert trainer.LossConfig() == trainer.LossConfig(losses.Z_LOSS, 0.0, losses.AUX_LOSS_FACTOR,
+                                                    losses.ROUTER_Z_LOSS_FACTOR)
+  for fn in (losses.compute_loss, losses.moe_losses, train.train):
+    assert inspect.signature(fn).parameters['router_z_loss_factor'].default == losses.ROUTER_Z_LOSS_FACTOR

@@ -26,10 +26,11 @@ def tiny_model(num_layers: int = 2):
 def make_trainer(learning_rate=None, num_layers: int = 2, num_devices: int = 1):
   """num_devices > 1: a (data 2, expert 4) mesh over the 8 simulated devices (expert partitions 4)."""
   import jax
-  from st_moe_jax import optim, partitioning, trainer
+  from st_moe_jax import data, optim, partitioning, trainer
   mesh = partitioning.create_mesh(jax.devices()[:num_devices], num_expert_partitions=4)
   schedule = learning_rate or optim.constant_schedule(0.01)
-  return trainer.Trainer(tiny_model(num_layers), optim.adafactor, schedule, mesh, seed=0)
+  return trainer.Trainer(tiny_model(num_layers), optim.adafactor, schedule, mesh, model_kind=data.DECODER_ONLY,
+                         seed=0)
 
 
 def make_data(split='train', seed=0):
@@ -118,6 +119,25 @@ def test_finetune_restores_present_params_and_initialises_new_ones(tmp_path):
   assert int(state.step) == 2
   count = jax.tree.leaves(state.opt_state)[0]  # Adafactor's update count: a fresh optimizer state
   assert int(count) == 0
+  assert int(trainer.schedule_count(state.opt_state)) == 2  # the learning-rate schedule goes on from step 2
+
+
+@pytest.mark.slow
+def test_finetuning_continues_the_learning_rate_schedule(tmp_path):
+  """t5x evaluates the schedule at the global step: fine-tuning from checkpoint_2 updates with schedule(2),
+  schedule(3) (logged at steps 3 and 4), not with a fresh optimizer's schedule(0), schedule(1)."""
+  from st_moe_jax import optim, trainer
+  schedule = optim.create_learning_rate_scheduler('constant * linear_warmup', 0.01, warmup_steps=10)
+  pretrained, finetuned, lines = str(tmp_path / 'pretrained'), str(tmp_path / 'finetuned'), []
+  trainer.fit(make_trainer(schedule), pretrained, make_data(),
+              trainer.LoopConfig(2, BATCH, log_period=100, eval_period=1000, checkpoint_period=2),
+              print_fn=lambda _: None)
+  trainer.fit(make_trainer(schedule), finetuned, make_data(),
+              trainer.LoopConfig(4, BATCH, log_period=1, eval_period=1000, checkpoint_period=100),
+              initial_checkpoint_path=pretrained, print_fn=lines.append)
+  np.testing.assert_allclose(read_tags(os.path.join(finetuned, 'train'))['learning_rate'],
+                             [float(schedule(2)), float(schedule(3))], rtol=1e-6)
+  assert any(line.startswith('step      3/4') and 'lr 2.00e-03' in line for line in lines), lines
 
 
 def test_checkpoint_of_other_shape_lists_mismatched_params(tmp_path):

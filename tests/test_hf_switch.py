@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip('torch', reason='pip install -r requirements-test.txt (torch CPU, transformers)')
 transformers = pytest.importorskip('transformers')
 
-from st_moe_jax import checkpoints, models  # noqa: E402
+from st_moe_jax import hf_switch, losses  # noqa: E402
 
 BATCH, ENC_LEN, DEC_LEN = 2, 7, 5
 
@@ -49,7 +49,7 @@ def _hf_logits(model, enc, dec_in):
 def _ours(model, params, enc, dec_in, targets):
   logits, state = model.apply({'params': params}, enc.astype(np.int32), dec_in.astype(np.int32),
                               targets.astype(np.int32), enable_dropout=False, mutable=['intermediates'])
-  return np.asarray(logits), models.moe_metrics(state['intermediates'])
+  return np.asarray(logits), losses.moe_metrics(state['intermediates'])
 
 
 @pytest.mark.parametrize('capacity,tie,drops', [(ENC_LEN, True, False), (1, False, True)],
@@ -57,7 +57,7 @@ def _ours(model, params, enc, dec_in, targets):
 def test_logits_match_hf(tmp_path, capacity, tie, drops):
   hf = _hf_model(capacity, tie)
   hf.save_pretrained(str(tmp_path))
-  model, params = checkpoints.import_hf_switch(str(tmp_path))
+  model, params = hf_switch.import_hf_switch(str(tmp_path))
   assert model.decoder_moe.sparse_layout == 'MIXED' and model.decoder_moe.num_sparse_layers == 2
   assert model.config.logits_via_embedding == tie
   enc, dec_in, targets = _inputs()
@@ -69,7 +69,7 @@ def test_logits_match_hf(tmp_path, capacity, tie, drops):
 def test_state_dict_import_and_mismatch_errors():
   hf = _hf_model(ENC_LEN)
   state = dict(hf.state_dict())
-  model, params = checkpoints.import_hf_switch(state, hf.config)
+  model, params = hf_switch.import_hf_switch(state, hf.config)
   enc, dec_in, targets = _inputs()
   np.testing.assert_allclose(_ours(model, params, enc, dec_in, targets)[0], _hf_logits(hf, enc, dec_in),
                              rtol=1e-4, atol=1e-4)
@@ -79,14 +79,14 @@ def test_state_dict_import_and_mismatch_errors():
   bad['encoder.block.0.layer.1.mlp.extra.weight'] = torch.zeros(1)
   bad['decoder.embed_tokens.weight'] = torch.zeros(60, 16)
   with pytest.raises(ValueError) as err:
-    checkpoints.import_hf_switch(bad, hf.config)
+    hf_switch.import_hf_switch(bad, hf.config)
   message = str(err.value)
   assert 'missing in checkpoint: decoder.block.1.layer.2.mlp.experts.expert_3.wo.weight' in message
   assert 'unexpected in checkpoint: encoder.block.0.layer.1.mlp.extra.weight' in message
   assert "shape mismatch at ['encoder']['layers_1']['attention']['query']['kernel']" in message
   assert 'decoder.embed_tokens.weight differs from shared.weight' in message
   with pytest.raises(ValueError, match='needs config'):
-    checkpoints.import_hf_switch(state)
+    hf_switch.import_hf_switch(state)
 
 
 def test_convert_script_writes_a_restorable_checkpoint(tmp_path):
@@ -98,8 +98,8 @@ def test_convert_script_writes_a_restorable_checkpoint(tmp_path):
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
   script.main(['--hf_dir', str(tmp_path / 'hf'), '--out', str(tmp_path / 'ckpt')])
-  restored = checkpoints.restore_params(str(tmp_path / 'ckpt'))
-  _, params = checkpoints.import_hf_switch(str(tmp_path / 'hf'))
+  restored = hf_switch.restore_params(str(tmp_path / 'ckpt'))
+  _, params = hf_switch.import_hf_switch(str(tmp_path / 'hf'))
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored, jax.tree_util.tree_map(np.asarray, params))
   gin_text = (tmp_path / 'ckpt' / 'model.gin').read_text()
   assert 'encoder/models.MoeConfig.group_by_sequence = True' in gin_text

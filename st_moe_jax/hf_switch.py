@@ -1,4 +1,4 @@
-"""Checkpoints: import of HuggingFace Switch Transformers weights, and saving converted params with orbax.
+"""HuggingFace Switch Transformers import: their weights as our parameters, saved with orbax for fine-tuning.
 
 HF Switch semantics and how they map onto ours (checked against `transformers`' SwitchTransformers code):
 - T5 1.0 blocks: pre-norm RMSNorm, unscaled dot-product attention with one relative position bias per stack

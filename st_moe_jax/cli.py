@@ -1,0 +1,236 @@
+"""What the three entry points (train.py, evaluate.py, infer.py) share: t5x-style flags, gin parsing, the
+mesh, the model's kind, and turning bad input into a clear message (exit status 2) instead of a stack trace.
+
+Flags: --gin_file (repeatable; later files override earlier ones), --gin_bindings (repeatable),
+--gin.NAME=VALUE (rewritten to --gin_bindings=NAME=VALUE), --gin_search_paths (comma-separated, default
+'.'), --tfds_data_dir, and for multi-host --coordinator_address --process_count --process_index (or the
+environment variables JAX_COORDINATOR_ADDRESS / JAX_PROCESS_COUNT / JAX_PROCESS_INDEX).
+"""
+
+import argparse
+import difflib
+import logging
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import gin
+
+from st_moe_jax import checkpoint_manager as ckpt_lib
+from st_moe_jax import data as data_lib
+from st_moe_jax import gin_setup  # pylint: disable=unused-import  (the registrations gin files name)
+from st_moe_jax import models
+from st_moe_jax import partitioning
+from st_moe_jax import trainer as trainer_lib
+
+
+class UserError(Exception):
+  """Bad input from the command line or gin; the entry point prints the message and exits with 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flags and gin.
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """--gin.NAME=VALUE → --gin_bindings=NAME=VALUE (t5x's gin_utils.rewrite_gin_args)."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--gin.'):
+      name, sep, value = arg[len('--gin.'):].partition('=')
+      if not sep:
+        raise UserError(f'{arg}: expected --gin.NAME=VALUE.')
+      arg = f'--gin_bindings={name} = {value}'
+    out.append(arg)
+  return out
+
+
+def parse_flags(argv: Sequence[str], description: str) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument('--gin_file', action='append', default=[], help='gin file (repeatable)')
+  parser.add_argument('--gin_bindings', action='append', default=[], help='gin binding (repeatable)')
+  parser.add_argument('--gin_search_paths', default='.', help='comma-separated folders for gin files')
+  parser.add_argument('--tfds_data_dir', default=None)
+  parser.add_argument('--coordinator_address', default=os.environ.get('JAX_COORDINATOR_ADDRESS'))
+  parser.add_argument('--process_count', type=int, default=_env_int('JAX_PROCESS_COUNT'))
+  parser.add_argument('--process_index', type=int, default=_env_int('JAX_PROCESS_INDEX'))
+  parser.add_argument('--multiprocess_gpu', action='store_true', help='accepted for t5x compatibility')
+  parser.add_argument('--alsologtostderr', action='store_true', help='accepted for t5x compatibility')
+  return parser.parse_args(rewrite_gin_args(argv))
+
+
+def _env_int(name: str) -> Optional[int]:
+  value = os.environ.get(name)
+  return int(value) if value else None
+
+
+def init_distributed(flags: argparse.Namespace) -> None:
+  """jax.distributed.initialize when a coordinator is given (multi-host); a no-op otherwise."""
+  if not flags.coordinator_address:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  if flags.process_count is None or flags.process_index is None:
+    raise UserError('--coordinator_address needs --process_count and --process_index (or JAX_PROCESS_COUNT '
+                    'and JAX_PROCESS_INDEX).')
+  jax.distributed.initialize(flags.coordinator_address, flags.process_count, flags.process_index)
+
+
+def _referenced_macros() -> set[str]:
+  """Macro names some binding refers to (%NAME), after parsing."""
+  found = set()
+
+  def visit(value):
+    if isinstance(value, gin.config.ConfigurableReference):
+      if value.selector == 'gin.macro':
+        found.add(value.scoped_selector.rsplit('/', 1)[0])
+    elif isinstance(value, dict):
+      for v in value.values():
+        visit(v)
+    elif isinstance(value, (list, tuple)):
+      for v in value:
+        visit(v)
+
+  for bindings in gin.config._CONFIG.values():
+    visit(bindings)
+  return found
+
+
+def _defined_macros() -> set[str]:
+  return {scope for (scope, selector) in gin.config._CONFIG if selector == 'gin.macro'}
+
+
+def check_macro_names(bindings: Sequence[str]) -> None:
+  """A --gin.NAME for an all-caps NAME that no gin file defines or uses is a misspelt macro."""
+  known = _referenced_macros() | _defined_macros_from_files()
+  for binding in bindings:
+    name = binding.split('=', 1)[0].strip()
+    if name.isupper() and '.' not in name and '/' not in name and name not in known:
+      close = difflib.get_close_matches(name, sorted(known), n=3)
+      hint = f' Did you mean {", ".join(close)}?' if close else ''
+      raise UserError(f'Unknown gin macro {name!r} in --gin.{name} / --gin_bindings: no gin file defines or '
+                      f'uses it, so it would be silently ignored.{hint}')
+
+
+_FILE_MACROS: set[str] = set()
+
+
+def _defined_macros_from_files() -> set[str]:
+  return _FILE_MACROS
+
+
+def parse_gin(flags: argparse.Namespace) -> None:
+  """Parses --gin_file files then --gin_bindings; gin's own message (with the file and line) on error."""
+  gin.clear_config()
+  for path in flags.gin_search_paths.split(','):
+    if path:
+      gin.add_config_file_search_path(path)
+  files = [_resolve(f, flags.gin_search_paths) for f in flags.gin_file]
+  if not files:
+    raise UserError('No --gin_file given: pass a run config (gin/runs/pretrain.gin, ...) and a model '
+                    '(gin/models/st_moe_tiny.gin, ...).')
+  try:
+    gin.parse_config_files_and_bindings(files, [], finalize_config=False)
+    _FILE_MACROS.clear()
+    _FILE_MACROS.update(_defined_macros())
+    gin.parse_config_files_and_bindings([], flags.gin_bindings, finalize_config=False)
+  except (ValueError, IOError, SyntaxError, ImportError) as e:
+    raise UserError(f'gin could not parse the configuration: {e}') from None
+  check_macro_names(flags.gin_bindings)
+
+
+def _resolve(path: str, search_paths: str) -> str:
+  """A relative --gin_file is looked up under each --gin_search_paths folder (first hit wins)."""
+  if os.path.isabs(path) or os.path.exists(path):
+    return path
+  for root in search_paths.split(','):
+    candidate = os.path.join(root, path)
+    if os.path.exists(candidate):
+      return candidate
+  raise UserError(f'gin file {path!r} not found (searched {search_paths!r}; set --gin_search_paths).')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running an entry point.
+
+def run_main(main: Callable[[argparse.Namespace], Any], description: str,
+             argv: Optional[Sequence[str]] = None) -> None:
+  """Parses flags and gin, runs `main`, and prints bad-input errors without a stack trace (exit 2)."""
+  from tasks import common  # pylint: disable=g-import-not-at-top
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  logging.getLogger('absl').setLevel(logging.ERROR)
+  try:
+    flags = parse_flags(sys.argv[1:] if argv is None else argv, description)
+    if flags.tfds_data_dir:
+      os.environ['TFDS_DATA_DIR'] = flags.tfds_data_dir
+    init_distributed(flags)
+    parse_gin(flags)
+    main(flags)
+  except (UserError, common.TaskInputError, ckpt_lib.CheckpointShapeError,
+          trainer_lib.TrainingDivergedError) as e:
+    # gin appends "In call to configurable ..." lines; the message itself says what to change.
+    message = '\n'.join(line for line in str(e).splitlines()
+                        if not line.strip().startswith('In call to configurable'))
+    print(f'ERROR: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def call_configurable(fn: Callable[[], Any], name: str) -> Any:
+  """Calls a gin configurable, turning missing REQUIRED macros and bad parameters into UserError."""
+  try:
+    return fn()
+  except (ValueError, TypeError) as e:
+    message = str(e)
+    if 'Required bindings' in message or 'gin.REQUIRED' in message or 'REQUIRED' in message:
+      raise UserError(f'{name}: a required macro is not set ({_first_line(message)}). Set it with '
+                      f'--gin.MACRO=value; the REQUIRED macros are listed at the top of the run gin file '
+                      f'(e.g. --gin.MODEL_DIR="\'runs/demo\'").') from None
+    raise
+
+
+def _first_line(message: str) -> str:
+  return message.strip().splitlines()[0]
+
+
+def required(value: Any, macro: str, example: str) -> Any:
+  if value is None or value is gin.REQUIRED:
+    raise UserError(f'{macro} is required: pass --gin.{macro}={example}.')
+  return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model and the mesh.
+
+def create_mesh(num_expert_partitions: int, num_model_partitions: int, model: Any,
+                devices: Optional[Sequence[Any]] = None):
+  """The mesh over `devices` (default: all), after checking each MoE stack's experts divide evenly over
+  the expert partitions."""
+  try:
+    mesh = partitioning.create_mesh(devices, num_expert_partitions=num_expert_partitions,
+                                    num_model_partitions=num_model_partitions)
+    for num_experts in sorted({moe.num_experts for moe in moe_configs(model)}):
+      partitioning.check_num_experts(num_experts, num_expert_partitions, mesh)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  return mesh
+
+
+def moe_configs(model: Any) -> list[Any]:
+  """The model's MoeConfigs that have sparse layers (encoder_moe / decoder_moe, or a decoder-only's moe)."""
+  moes = [getattr(model, name, None) for name in ('encoder_moe', 'decoder_moe', 'moe')]
+  return [moe for moe in moes if moe is not None and moe.num_sparse_layers > 0]
+
+
+def model_kind(model: Any) -> str:
+  """data.ENCODER_DECODER or data.DECODER_ONLY: which batch features (feature converter) the model takes."""
+  if isinstance(model, models.EncoderDecoder):
+    return data_lib.ENCODER_DECODER
+  if isinstance(model, models.DecoderOnly):
+    return data_lib.DECODER_ONLY
+  raise UserError(f'ARCHITECTURE must be models.EncoderDecoder or models.DecoderOnly, got '
+                  f'{type(model).__name__}.')
+
+
+def check_batch(batch_size: int, mesh) -> None:
+  try:
+    partitioning.check_batch_size(batch_size, mesh)
+  except ValueError as e:
+    raise UserError(str(e)) from None

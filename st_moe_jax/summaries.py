@@ -1,0 +1,56 @@
+"""Where metrics go: TensorBoard event files and the console lines of a run (t5x's tags and layout)."""
+
+from typing import Mapping
+
+import jax
+
+
+class SummaryWriter:
+  """TensorBoard scalars in event files under `directory` (process 0 only).
+
+  Written with TF's core summary op and the 'scalars' plugin metadata, which is what tf.summary.scalar
+  writes; it does not need the tensorboard package (not pinned here).
+  """
+
+  def __init__(self, directory: str):
+    self._writer = None
+    if jax.process_index() == 0:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._metadata = summary_pb2.SummaryMetadata(
+          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars')).SerializeToString()
+      self._writer = tf.summary.create_file_writer(directory)
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if self._writer is None:
+      return
+    with self._writer.as_default():
+      for tag, value in scalars.items():
+        self._tf.summary.write(tag, self._tf.constant(float(value), self._tf.float32), step=step,
+                               metadata=self._metadata)
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def write_scalars(directory: str, step: int, scalars: Mapping[str, float]) -> None:
+  """One point of each scalar in `directory` (an evaluation's results)."""
+  writer = SummaryWriter(directory)
+  writer.write(step, scalars)
+  writer.close()
+
+
+def train_line(step: int, total: int, metrics: Mapping[str, float], steps_per_s: float,
+               tokens_per_s: float, elapsed_s: float) -> str:
+  return (f'step {step:>6d}/{total}  loss {metrics["loss"]:.4f}  ce {metrics["cross_ent_loss"]:.4f}  '
+          f'acc {metrics["accuracy"]:.3f}  lr {metrics["learning_rate"]:.2e}  '
+          f'| {steps_per_s:.2f} steps/s  {tokens_per_s / 1e3:.1f}k tokens/s  [{elapsed_s:.0f}s]')
+
+
+def eval_line(step: int, name: str, results: Mapping[str, float], elapsed_s: float) -> str:
+  bits = f'  bits/byte {results["bits_per_byte"]:.3f}' if 'bits_per_byte' in results else ''
+  return (f'eval  {step:>6d}  {name}: loss {results["loss"]:.4f}  accuracy {results["accuracy"]:.3f}'
+          f'{bits}  [{elapsed_s:.0f}s]')
