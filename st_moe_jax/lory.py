@@ -102,7 +102,7 @@ def upcycle_dense_to_lory(params: Any, *, num_experts: int, layer_indices: Seque
                           router_init_std: float = 2e-2, stack: str = 'decoder') -> dict:
   """Lory's dense warm-up recipe: copy a trained dense FFN into every expert, with a fresh random router.
 
-  Training runs use it through `train.fit_with_dense_warmup` (gin/runs/lory_warmup.gin).
+  Training runs use it through `lory_warmup.fit_with_dense_warmup` (gin/runs/lory_warmup.gin).
   With identical experts the router gets exactly zero gradient (every ∂L/∂e_i is equal and the softmax
   Jacobian annihilates constants); the experts only drift apart because a *random* router makes the
   merged weights differ across segments. So the router is drawn from Normal(0, router_init_std), never 0.

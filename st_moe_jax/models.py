@@ -12,13 +12,12 @@ Token id 0 is padding (t5x): the encoder padding mask is `encoder_input_tokens >
 `decoder_target_tokens > 0`.
 """
 
-from typing import Any, Mapping, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from st_moe_jax import losses
 from st_moe_jax import lory as lory_lib
 from st_moe_jax import moe as moe_lib
 from st_moe_jax import routers as routers_lib
@@ -88,12 +87,6 @@ def _check_stack(moe: Optional[MoeConfig], num_layers: int, field: str) -> tuple
     return sparse_layer_indices(num_layers, moe.num_sparse_layers, moe.sparse_layout)
   except ValueError as e:
     raise ValueError(f'{field}: {e}') from None
-
-
-def moe_metrics(intermediates: Mapping[str, Any]) -> dict[str, Array]:
-  """{MoE metric name: mean over all MoE layers} from a model's 'intermediates'; empty without MoE layers."""
-  means = {name: losses.mean_over_layers(intermediates, name) for name in losses.MOE_METRIC_NAMES}
-  return {name: value for name, value in means.items() if value is not None}
 
 
 # ---------------------------------------------------------------------------------------------------------

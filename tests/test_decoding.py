@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from st_moe_jax import decoding, models
+from st_moe_jax import decoding, losses, models
 
 CONFIG = models.TransformerConfig(vocab_size=40, embed_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
                                   num_encoder_layers=1, num_decoder_layers=2)
@@ -116,7 +116,7 @@ def test_moe_decode_step_never_drops_tokens():
   params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, enable_dropout=False))()['params']
   full = jax.jit(lambda: model.apply({'params': params}, tokens, tokens, enable_dropout=False,
                                      mutable=['intermediates'])[1])()
-  assert float(models.moe_metrics(full['intermediates'])['fraction_tokens_left_behind']) > 0
+  assert float(losses.moe_metrics(full['intermediates'])['fraction_tokens_left_behind']) > 0
   cache = decoding.init_cache(model, batch, LENGTH)
   step = jax.jit(lambda cache, tok: model.apply({'params': params, 'cache': cache}, tok, None,
                                                 enable_dropout=False, decode=True, max_decode_length=LENGTH,
@@ -124,7 +124,7 @@ def test_moe_decode_step_never_drops_tokens():
   for i in range(2):
     state = step(cache, tokens[:, i:i + 1])
     cache = state['cache']
-    metrics = models.moe_metrics(state['intermediates'])
+    metrics = losses.moe_metrics(state['intermediates'])
     assert float(metrics['fraction_tokens_left_behind']) == 0.0
 
 

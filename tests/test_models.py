@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from st_moe_jax import models
+from st_moe_jax import losses, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,7 +126,7 @@ def test_forward_shapes_and_moe_metrics(encdec):
   logits, state = apply(variables['params'], ENC, DEC_I, DEC_T)
   assert logits.shape == (2, 4, CONFIG.vocab_size) and logits.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(logits)))
-  metrics = models.moe_metrics(state['intermediates'])
+  metrics = losses.moe_metrics(state['intermediates'])
   assert set(metrics) == {'auxiliary_loss', 'router_z_loss', 'fraction_tokens_left_behind', 'expert_usage',
                           'router_confidence'}
   # The average over the two MoE layers (encoder layer 1, decoder layer 1).
