@@ -99,6 +99,19 @@ def saved_param_shapes(params_dir: str) -> PyTree:
   return getattr(metadata, 'tree', metadata)
 
 
+def _shape_problems(item_dir: str, expected: PyTree, what: str) -> str:
+  """'' if the tree saved in item_dir has the expected leaves and shapes, else what differs, listed."""
+  mismatched, missing, extra = shape_differences(saved_param_shapes(item_dir), expected)
+  parts = []
+  if mismatched:
+    parts.append(f'{len(mismatched)} {what} with other shapes:{_listing(mismatched)}')
+  if missing:
+    parts.append(f'{len(missing)} {what} missing from the checkpoint:{_listing(missing)}')
+  if extra:
+    parts.append(f'{len(extra)} checkpoint {what} not expected here:{_listing(extra)}')
+  return '; '.join(parts)
+
+
 def _listing(names: list[str], limit: int = 12) -> str:
   shown = '\n  '.join(names[:limit])
   more = f'\n  ... and {len(names) - limit} more' if len(names) > limit else ''
@@ -147,22 +160,29 @@ class CheckpointManager:
       items['dataset'] = DatasetArgs(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def check_shapes(self, step: int, abstract_params: PyTree) -> None:
-    """Raises CheckpointShapeError listing every parameter whose shape or presence differs."""
-    saved = saved_param_shapes(os.path.join(self.directory, f'{STEP_PREFIX}_{step}', 'params'))
-    mismatched, missing, extra = shape_differences(saved, abstract_params)
-    if mismatched or missing or extra:
-      parts = []
-      if mismatched:
-        parts.append(f'{len(mismatched)} parameters with other shapes:{_listing(mismatched)}')
-      if missing:
-        parts.append(f'{len(missing)} model parameters missing from the checkpoint:{_listing(missing)}')
-      if extra:
-        parts.append(f'{len(extra)} checkpoint parameters the model does not have:{_listing(extra)}')
+  def check_shapes(self, step: int, abstract_params: PyTree, abstract_opt_state: Optional[PyTree] = None
+                   ) -> None:
+    """Raises CheckpointShapeError listing every parameter (then optimizer-state leaf) whose shape or
+    presence differs from what this model and optimizer expect."""
+    checkpoint = f'{self.directory}/{STEP_PREFIX}_{step}'
+    problems = _shape_problems(os.path.join(checkpoint, 'params'), abstract_params, 'parameters')
+    if problems:
       raise CheckpointShapeError(
-          f'The checkpoint {self.directory}/{STEP_PREFIX}_{step} was written by a model of another shape: '
-          + '; '.join(parts) + '\nUse the model gin file and macros (NUM_EXPERTS, EMBED_DIM, ...) the '
-          'checkpoint was trained with, or a fresh MODEL_DIR.')
+          f'The checkpoint {checkpoint} was written by a model of another shape: {problems}\nUse the model '
+          'gin file and macros (NUM_EXPERTS, EMBED_DIM, ...) the checkpoint was trained with, or a fresh '
+          'MODEL_DIR.')
+    if abstract_opt_state is None:
+      return
+    problems = _shape_problems(os.path.join(checkpoint, 'opt_state'), abstract_opt_state,
+                               'optimizer-state entries')
+    if problems:
+      raise CheckpointShapeError(
+          f'The checkpoint {checkpoint} holds optimizer state of another layout than this optimizer: '
+          f'{problems}\nIts parameters fit this model. Checkpoints written before Adafactor factored by '
+          'logical axis names (t5x rules) keep full second moments for attention and small expert kernels. '
+          'To continue from it, train in a fresh MODEL_DIR with --gin.INITIAL_CHECKPOINT_PATH="\'' 
+          f'{checkpoint}\'" (its parameters and step, a fresh optimizer state, the learning-rate schedule '
+          'continued).')
 
   def restore(self, step: int, abstract_params: PyTree, abstract_opt_state: PyTree,
               data_iterator: Optional[data_lib.DataIterator] = None) -> tuple[PyTree, PyTree]:
@@ -171,7 +191,7 @@ class CheckpointManager:
 
     abstract_*: jax.ShapeDtypeStruct trees with `sharding` set.
     """
-    self.check_shapes(step, abstract_params)
+    self.check_shapes(step, abstract_params, abstract_opt_state)
     items = {'params': _pytree_restore(abstract_params), 'opt_state': _pytree_restore(abstract_opt_state)}
     if data_iterator is not None:
       items['dataset'] = DatasetArgs(data_iterator)

@@ -62,6 +62,24 @@ def test_shape_mismatch_lists_params(tmp_path):
   manager.close()
 
 
+def test_optimizer_state_of_another_layout_gets_a_migration_error(tmp_path):
+  """A checkpoint whose optimizer statistics have other shapes (e.g. written before Adafactor factored by
+  logical axis names) is refused before orbax reads it, naming the leaf and the fine-tuning way out."""
+  manager = ckpt.CheckpointManager(str(tmp_path), period=1)
+  manager.save(1, PARAMS, OPT, force=True)
+  manager.wait_until_finished()
+  factored = {'count': OPT['count'], 'v': {'dense': {'kernel': jnp.zeros((2, 1))}}}
+  with pytest.raises(ckpt.CheckpointShapeError) as error:
+    manager.restore(1, abstract(PARAMS), abstract(factored))
+  message = str(error.value)
+  assert 'optimizer state of another layout' in message
+  assert 'v/dense/kernel: checkpoint (2, 3) vs model (2, 1)' in message
+  assert 'INITIAL_CHECKPOINT_PATH' in message and 'checkpoint_1' in message
+  params, _ = manager.restore(1, abstract(PARAMS), abstract(OPT))  # the matching layout still restores
+  np.testing.assert_array_equal(params['norm']['scale'], np.ones(3))
+  manager.close()
+
+
 def test_partial_restore_for_finetuning(tmp_path):
   manager = ckpt.CheckpointManager(str(tmp_path), period=1)
   manager.save(3, PARAMS, OPT, force=True)
