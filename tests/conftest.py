@@ -4,14 +4,16 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# Implicit rank promotion ([T, E] + [E] broadcasting a missing leading axis) is an error in every test
+# process: here and in xdist workers (each imports this file) through the config below, and in the
+# subprocesses tests start (train, scripts) through the environment they inherit.
+os.environ['JAX_NUMPY_RANK_PROMOTION'] = 'raise'
 
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# Implicit rank promotion ([T, E] + [E] broadcasting a missing leading axis) is an error in every test
-# process, xdist workers included (each imports this file): broadcasting must be written out.
-jax.config.update('jax_numpy_rank_promotion', 'raise')
+jax.config.update('jax_numpy_rank_promotion', 'raise')  # in case jax was imported before this file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

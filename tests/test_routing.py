@@ -2,6 +2,7 @@
 under jax.jit and op by op (the `jit` fixture, tests/conftest.py)."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,7 @@ def test_rank_promotion_raises_in_the_suite():
   with pytest.raises(ValueError, match="jax_numpy_rank_promotion='raise'"):
     jnp.ones((2, 3)) + jnp.ones(3)  # pylint: disable=expression-not-assigned
   np.testing.assert_array_equal(jnp.ones((2, 3)) + jnp.ones(3)[None], 2.0)
+  assert os.environ['JAX_NUMPY_RANK_PROMOTION'] == 'raise'  # inherited by the subprocesses tests start
 
 
 # ---------------------------------------------------------------------------------------------------------
