@@ -96,8 +96,11 @@ class RecurrentRouterCell(nn.Module):
                                      (p, rows * p), jnp.float32)
     bias = lambda name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, ('unmodeled',)),
                                    (rows * p,), jnp.float32)
-    gi = inputs.astype(jnp.float32) @ kernel('input_kernel') + bias('input_bias')  # [..., rows·p]
-    gh = state.astype(jnp.float32) @ kernel('hidden_kernel') + bias('hidden_bias')
+    # Biases [rows·p] broadcast over the leading axes explicitly (no implicit rank promotion).
+    gi = inputs.astype(jnp.float32) @ kernel('input_kernel')  # [..., rows·p]
+    gi = gi + jax.lax.broadcast_to_rank(bias('input_bias'), gi.ndim)
+    gh = state.astype(jnp.float32) @ kernel('hidden_kernel')
+    gh = gh + jax.lax.broadcast_to_rank(bias('hidden_bias'), gh.ndim)
     if self.cell == 'rnn':
       return jnp.tanh(gi + gh)
     i_r, i_z, i_n = jnp.split(gi, 3, axis=-1)

@@ -1,12 +1,19 @@
-"""Test setup: 8 simulated CPU devices, so multi-device meshes are real in tests."""
+"""Test setup: 8 simulated CPU devices, so multi-device meshes are real in tests; rank promotion raises."""
 
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# Implicit rank promotion ([T, E] + [E] broadcasting a missing leading axis) is an error in every test
+# process: here and in xdist workers (each imports this file) through the config below, and in the
+# subprocesses tests start (train, scripts) through the environment they inherit.
+os.environ['JAX_NUMPY_RANK_PROMOTION'] = 'raise'
 
 
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+jax.config.update('jax_numpy_rank_promotion', 'raise')  # in case jax was imported before this file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,3 +62,35 @@ def check_iterator_resumes(tmp_path):
       for k in want:
         np.testing.assert_array_equal(got[k], want[k])
   return check
+
+
+_STATIC = (str, bool, int, float, type(None))
+_JITTED = {}
+
+
+def _jitted(fn, static_args, static_kwargs):
+  """jax.jit of fn with the given static arguments bound, one per (fn, statics): tests share compilations."""
+  key = (fn, static_args, tuple(sorted(static_kwargs.items())))
+  if key not in _JITTED:
+    def call(traced_args, traced_kwargs):
+      args = [traced_args[i] if s is None else s[0] for i, s in enumerate(static_args)]
+      return fn(*args, **traced_kwargs, **static_kwargs)
+    _JITTED[key] = jax.jit(call)
+  return _JITTED[key]
+
+
+@pytest.fixture(params=[True, False], ids=['jit', 'nojit'])
+def jit(request):
+  """run(fn, *args, **kwargs) -> fn's result, computed under jax.jit (arrays and pytrees traced; str, bool,
+  int, float and None static; one compilation per function and static arguments) or, for jit=False, by
+  calling fn directly (op by op on concrete values). The pure routing / dispatch functions must agree."""
+  if not request.param:
+    return lambda fn, *args, **kwargs: fn(*args, **kwargs)
+
+  def run_jitted(fn, *args, **kwargs):
+    static_args = tuple((a,) if isinstance(a, _STATIC) else None for a in args)
+    traced_args = [None if isinstance(a, _STATIC) else a for a in args]
+    static_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, _STATIC)}
+    traced_kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, _STATIC)}
+    return _jitted(fn, static_args, static_kwargs)(traced_args, traced_kwargs)
+  return run_jitted

@@ -1,4 +1,5 @@
-"""The fast gather path against the exact one-hot einsum reference: outputs and gradients."""
+"""The fast gather path against the exact one-hot einsum reference: outputs and gradients, under jax.jit
+and op by op (the `jit` fixture, tests/conftest.py)."""
 
 import functools
 
@@ -30,7 +31,7 @@ def _moe_like(x, logits, w, *, method, routing_name, capacity):
 
 @pytest.mark.parametrize('routing_name', ['tokens_choose', 'bpr', 'experts_choose'])
 @pytest.mark.parametrize('capacity', [2, 6])  # 2 drops many tokens; 6 drops few
-def test_gather_equals_einsum_outputs_and_gradients(routing_name, capacity):
+def test_gather_equals_einsum_outputs_and_gradients(routing_name, capacity, jit):
   keys = jax.random.split(jax.random.PRNGKey(capacity), 4)
   x = jax.random.normal(keys[0], (G, T, H))
   logits = jax.random.normal(keys[1], (G, T, E))
@@ -43,8 +44,8 @@ def test_gather_equals_einsum_outputs_and_gradients(routing_name, capacity):
 
   results = {}
   for method in dispatch.DISPATCH_METHODS:
-    fn = jax.jit(jax.value_and_grad(functools.partial(loss, method), argnums=(0, 1, 2), has_aux=True))
-    results[method] = fn(x, logits, w)
+    fn = jax.value_and_grad(functools.partial(loss, method), argnums=(0, 1, 2), has_aux=True)
+    results[method] = jit(fn, x, logits, w)
   (_, y_fast), grads_fast = results['gather']
   (_, y_ref), grads_ref = results['einsum']
   np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-6)
@@ -55,14 +56,20 @@ def test_gather_equals_einsum_outputs_and_gradients(routing_name, capacity):
 
 
 @pytest.mark.parametrize('method', dispatch.DISPATCH_METHODS)
-def test_dropped_tokens_come_back_as_zero(method):
+@pytest.mark.parametrize('routing_name', ['tokens_choose', 'experts_choose'])
+def test_dropped_tokens_come_back_as_zero(method, routing_name, jit):
   probs = jnp.array([[[0.6, 0.4], [0.9, 0.1], [0.7, 0.3]]])  # all prefer expert 0, capacity 1
-  route = routing.tokens_choose(probs, num_selected_experts=1, expert_capacity=1)
   x = jnp.arange(1.0, 4.0)[None, :, None] * jnp.ones((1, 3, 2))
-  buffers = dispatch.dispatch(x, route, method)
-  np.testing.assert_allclose(buffers[0, :, 0], [[1.0, 1.0], [0.0, 0.0]])  # expert 1's slot is empty
-  y = dispatch.combine(buffers, route, method)
-  np.testing.assert_allclose(y[0], [[0.6, 0.6], [0.0, 0.0], [0.0, 0.0]], rtol=1e-6)
+  if routing_name == 'tokens_choose':
+    route = jit(routing.tokens_choose, probs, num_selected_experts=1, expert_capacity=1)
+    buffers_0, y_0 = [[1.0, 1.0], [0.0, 0.0]], [[0.6, 0.6], [0.0, 0.0], [0.0, 0.0]]
+  else:  # expert 0 takes token 1 (0.9), expert 1 token 0 (0.4); token 2 is nobody's pick
+    route = jit(routing.experts_choose, probs, expert_capacity=1)
+    buffers_0, y_0 = [[2.0, 2.0], [1.0, 1.0]], [[0.4, 0.4], [1.8, 1.8], [0.0, 0.0]]
+  buffers = jit(dispatch.dispatch, x, route, method)
+  np.testing.assert_allclose(buffers[0, :, 0], buffers_0)  # slot 0 of each expert
+  y = jit(dispatch.combine, buffers, route, method)
+  np.testing.assert_allclose(y[0], y_0, rtol=1e-6)
 
 
 def test_gather_path_never_builds_a_dense_mask():
@@ -83,7 +90,9 @@ def test_gather_path_never_builds_a_dense_mask():
   assert max(np.prod(v.aval.shape) for eqn in jaxpr_ref.jaxpr.eqns for v in eqn.outvars) >= dense_size
 
 
-def test_unknown_method_is_rejected():
+def test_unknown_method_is_rejected(jit):
   route = routing.tokens_choose(jnp.full((1, 2, 2), 0.5), num_selected_experts=1, expert_capacity=1)
   with pytest.raises(ValueError, match="'gather', 'einsum'"):
-    dispatch.dispatch(jnp.ones((1, 2, 3)), route, 'scatter')
+    jit(dispatch.dispatch, jnp.ones((1, 2, 3)), route, 'scatter')
+  with pytest.raises(ValueError, match="'gather', 'einsum'"):
+    jit(dispatch.combine, jnp.ones((1, 2, 1, 3)), route, 'scatter')

@@ -12,8 +12,8 @@ import pytest
 import seqio
 import tensorflow as tf
 
+from st_moe_jax import data, decoding, gin_setup, lory, models
 from st_moe_jax.config import MoeConfig
-from st_moe_jax import data, decoding, lory, models
 from tasks import common
 from tasks import lory_batching
 from tasks import pretraining as pt
@@ -270,7 +270,6 @@ def test_config_errors():
 
 
 def test_gin_lory_file(monkeypatch):
-  gin_setup = pytest.importorskip('st_moe_jax.gin_setup')
   monkeypatch.chdir(REPO)
   gin_setup.parse_model_gin(['gin/models/st_moe_tiny.gin', 'gin/runs/decoder_only.gin', 'gin/routers/lory.gin'],
                             ['SEGMENT_LENGTH = 4'], search_paths=[REPO])
@@ -498,7 +497,6 @@ def test_registered_similarity_tasks():
 
 
 def test_gin_similarity_batching_file(monkeypatch):
-  gin_setup = pytest.importorskip('st_moe_jax.gin_setup')
   import gin  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(REPO)
   try:

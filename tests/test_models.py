@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from st_moe_jax import losses, models
+from st_moe_jax import gin_setup, losses, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -251,7 +251,19 @@ def test_decoder_only_forward_and_prefix_lm(lm):
   prefix_a = apply(variables['params'], tokens, targets, None, None, prefix)
   prefix_b = apply(variables['params'], changed, targets, None, None, prefix)
   assert not np.allclose(prefix_a[:, 0], prefix_b[:, 0])
-  np.testing.assert_allclose(prefix_a[:, 3:], apply(variables['params'], tokens, targets, None, None, prefix)[:, 3:])
+  # After the prefix attention stays causal, and the prefix does not see past itself: changing token 4
+  # leaves positions 0-3, changing token 3 leaves the prefix 0-2 as they were.
+  for position in (4, 3):
+    later = tokens.copy()
+    later[:, position] = 31
+    prefix_later = apply(variables['params'], later, targets, None, None, prefix)
+    np.testing.assert_allclose(prefix_later[:, :position], prefix_a[:, :position], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(prefix_later[0, position], prefix_a[0, position])
+  # A prefix of one token, or of none, gives exactly the causal logits.
+  for short in ([1, 0, 0, 0, 0], [0, 0, 0, 0, 0]):
+    short_prefix = np.array([short] * 2, np.int32)
+    np.testing.assert_allclose(apply(variables['params'], tokens, targets, None, None, short_prefix), causal_a,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_decoder_only_segments(lm):
@@ -279,7 +291,6 @@ def test_all_model_files_are_tested():
 
 @pytest.mark.parametrize('path', GIN_FILES, ids=os.path.basename)
 def test_gin_model_file_parses_and_builds(path, monkeypatch):
-  gin_setup = pytest.importorskip('st_moe_jax.gin_setup')
   monkeypatch.chdir(REPO)
   gin_setup.parse_model_gin([path], search_paths=[REPO])
   model = gin_setup.architecture()

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from st_moe_jax import decoding, models, routing
+from st_moe_jax import decoding, gin_setup, models, routing
 from st_moe_jax.routers import RecurrentRouter, RecurrentRouterCell
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,30 +21,37 @@ RMOE = models.MoeConfig(num_sparse_layers=2, num_experts=4, expert_mlp_dim=20, r
                         recurrent_router_dim=P, eval_capacity_factor=4.0, min_expert_capacity=1)
 
 
-def _sigmoid(x):
-  return 1.0 / (1.0 + np.exp(-x))
+def _torch_cell(jax_params, cell):
+  """torch.nn.GRUCell / RNNCell (tanh) holding the JAX cell's weights: torch's [out, in] = our kernelᵀ."""
+  torch = pytest.importorskip('torch')
+  p = jax_params['input_kernel'].shape[0]
+  module = torch.nn.GRUCell(p, p) if cell == 'gru' else torch.nn.RNNCell(p, p, nonlinearity='tanh')
+  with torch.no_grad():
+    module.weight_ih.copy_(torch.tensor(np.asarray(jax_params['input_kernel']).T))
+    module.weight_hh.copy_(torch.tensor(np.asarray(jax_params['hidden_kernel']).T))
+    module.bias_ih.copy_(torch.tensor(np.asarray(jax_params['input_bias'])))
+    module.bias_hh.copy_(torch.tensor(np.asarray(jax_params['hidden_bias'])))
+  return lambda x, h: module(torch.tensor(np.asarray(x)), torch.tensor(np.asarray(h))).detach().numpy()
 
 
-def test_gru_cell_is_torch_grucell():
-  """The reset-after GRU (torch.nn.GRUCell, gate order r, z, n) on explicit weights, computed by hand."""
-  p = 2
-  x = np.array([[0.5, -1.0], [2.0, 0.25]], np.float32)
-  h = np.array([[0.1, 0.2], [-0.3, 0.4]], np.float32)
-  w_i = np.arange(12, dtype=np.float32).reshape(2, 6) / 10 - 0.5  # [p, 3p]: columns r | z | n
-  w_h = np.arange(12, dtype=np.float32)[::-1].reshape(2, 6) / 20 - 0.2
-  b_i = np.array([0.1, -0.1, 0.2, 0.0, 0.3, -0.2], np.float32)
-  b_h = np.array([0.0, 0.05, -0.05, 0.1, 0.0, 0.2], np.float32)
-  params = {'input_kernel': w_i, 'hidden_kernel': w_h, 'input_bias': b_i, 'hidden_bias': b_h}
-  out = RecurrentRouterCell(p).apply({'params': params}, x, h)
-  gi, gh = x @ w_i + b_i, h @ w_h + b_h
-  r = _sigmoid(gi[:, :2] + gh[:, :2])
-  u = _sigmoid(gi[:, 2:4] + gh[:, 2:4])
-  n = np.tanh(gi[:, 4:] + r * gh[:, 4:])
-  np.testing.assert_allclose(out, (1 - u) * n + u * h, rtol=1e-6, atol=1e-6)
-  rnn = RecurrentRouterCell(p, cell='rnn').apply(
-      {'params': {'input_kernel': w_i[:, 4:], 'hidden_kernel': w_h[:, 4:], 'input_bias': b_i[4:],
-                  'hidden_bias': b_h[4:]}}, x, h)
-  np.testing.assert_allclose(rnn, np.tanh(gi[:, 4:] + gh[:, 4:]), rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize('cell', ['gru', 'rnn'])
+def test_cell_is_torchs_grucell_or_rnncell(cell):
+  """RecurrentRouterCell with random weights (biases too) against torch.nn.GRUCell (reset-after, gates
+  r, z, n) and, for the 'rnn' ablation, torch.nn.RNNCell(tanh), both given the same weights."""
+  p, n = 5, 7
+  rows = 3 if cell == 'gru' else 1
+  rng = np.random.default_rng(0)
+  params = {'input_kernel': rng.normal(size=(p, rows * p)), 'hidden_kernel': rng.normal(size=(p, rows * p)),
+            'input_bias': rng.normal(size=(rows * p,)), 'hidden_bias': rng.normal(size=(rows * p,))}
+  params = {k: (0.5 * v).astype(np.float32) for k, v in params.items()}
+  x = rng.normal(size=(n, p)).astype(np.float32)
+  h = np.tanh(rng.normal(size=(n, p))).astype(np.float32)
+  out = RecurrentRouterCell(p, cell=cell).apply({'params': params}, x, h)
+  assert out.dtype == jnp.float32 and out.shape == (n, p)
+  np.testing.assert_allclose(out, _torch_cell(params, cell)(x, h), rtol=1e-5, atol=1e-6)
+  # Leading axes are free: [B, L, p] works like [B·L, p].
+  out_3d = RecurrentRouterCell(p, cell=cell).apply({'params': params}, x[None], h[None])
+  np.testing.assert_allclose(out_3d[0], out, rtol=1e-6, atol=1e-7)
 
 
 class _ThreeLayerRouters(nn.Module):
@@ -155,6 +162,80 @@ def test_cached_decoding_equals_recompute(lm):
   np.testing.assert_array_equal(tokens, out)
 
 
+# Four decoder layers with MoE layers 1 and 3 (MIXED): the dense layer 2 sits between the two MoE layers.
+CONFIG_4 = models.TransformerConfig(vocab_size=40, embed_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
+                                    num_decoder_layers=4)
+RMOE_MIXED = models.MoeConfig(num_sparse_layers=2, sparse_layout='MIXED', num_experts=4, expert_mlp_dim=20,
+                              router='recurrent', recurrent_router_dim=P, eval_capacity_factor=4.0,
+                              min_expert_capacity=1)
+
+
+def test_model_routes_with_torchs_gru_over_depth_through_a_dense_layer():
+  """The routing of a whole model, step by step with torch.nn.GRUCell: MoE layer l (1, then 3) scores
+  experts with logits_l = h_l G_l, h_l = GRU(x_l P_l, h_prev), h_prev = 0 at layer 1 and layer 1's state at
+  layer 3 (the dense layer 2 passes it through untouched); x_l is the layer's MoE input. The MoE layers
+  route on exactly these logits (their sown z-loss is that of the torch logits)."""
+  torch = pytest.importorskip('torch')
+  assert models.sparse_layer_indices(4, 2, 'MIXED') == (1, 3)
+  model = models.DecoderOnly(CONFIG_4, RMOE_MIXED)
+  tokens = np.array([[0, 5, 6, 7, 8, 9], [0, 10, 11, 12, 0, 0]], np.int32)
+  targets = np.array([[5, 6, 7, 8, 9, 1], [10, 11, 12, 1, 0, 0]], np.int32)
+  params = jax.jit(lambda: model.init(jax.random.PRNGKey(2), tokens, targets, enable_dropout=False))()['params']
+  # Router weights and biases of order 1 (init is Normal(0, 0.02), biases 0: logits ~1e-4, a near-linear GRU).
+  rng = np.random.default_rng(3)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: (0.3 * rng.normal(size=x.shape)).astype(np.float32)
+      if any(getattr(k, 'key', None) == 'router' for k in path) else x, nn.unbox(params))
+  names = []  # module path of each recorded call, in call order (filled while tracing)
+
+  @jax.jit
+  def run(params):
+    recorded = []
+
+    def record(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if context.method_name == '__call__' and isinstance(context.module, (RecurrentRouter, RecurrentRouterCell)):
+        names.append('/'.join(context.module.path))
+        recorded.append((args[:2], out))  # (inputs, incoming state), output
+      return out
+
+    with nn.intercept_methods(record):
+      _, state = model.apply({'params': params}, tokens, targets, enable_dropout=False,
+                             mutable=['intermediates'])
+    return recorded, state['intermediates']
+
+  recorded, intermediates = run(params)
+  # The cell runs inside each MoE layer's router; the dense layers 0 and 2 have none.
+  assert names == ['decoder/router', 'decoder/layers_1/router', 'decoder/router', 'decoder/layers_3/router']
+  (cell_1, router_1, cell_3, router_3) = recorded
+  p = nn.unbox(params)['decoder']
+  gru = _torch_cell(p['router'], 'gru')
+  real = targets > 0
+  state = np.zeros(tokens.shape + (P,), np.float32)  # h_0 = 0
+  for layer, cell_call, router_call in ((1, cell_1, router_1), (3, cell_3, router_3)):
+    (x, incoming), (logits, new_state) = router_call
+    (projected, cell_state), cell_out = cell_call
+    np.testing.assert_array_equal(new_state, cell_out)  # the router hands on the cell's state
+    if layer == 1:
+      assert incoming is None
+      np.testing.assert_array_equal(cell_state, 0.0)
+    else:  # through dense layer 2 unchanged: layer 3's incoming state is exactly layer 1's new state
+      np.testing.assert_array_equal(incoming, router_1[1][1])
+      np.testing.assert_array_equal(cell_state, cell_1[1])
+    weights = p[f'layers_{layer}']['router']
+    want_projected = (torch.tensor(np.asarray(x)) @ torch.tensor(weights['input_projection']['kernel'])).numpy()
+    np.testing.assert_allclose(projected, want_projected, rtol=1e-5, atol=1e-5)
+    state = gru(want_projected.reshape(-1, P), state.reshape(-1, P)).reshape(state.shape)
+    np.testing.assert_allclose(new_state, state, rtol=1e-5, atol=1e-5)
+    want_logits = state @ weights['output_projection']['kernel']
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+    # The MoE layer's z-loss (mean over real tokens of logsumexp²) is that of these logits.
+    z = np.log(np.exp(want_logits.astype(np.float64)).sum(-1))
+    np.testing.assert_allclose(intermediates['decoder'][f'layers_{layer}']['mlp']['router_z_loss'][0],
+                               np.mean(z[real] ** 2), rtol=1e-5)
+  assert not np.allclose(router_1[1][0], router_3[1][0], atol=1e-3)  # the two layers route differently
+
+
 def test_config_errors_name_the_field():
   with pytest.raises(ValueError, match='MoeConfig.router'):
     models.MoeConfig(router='hyper')
@@ -165,7 +246,6 @@ def test_config_errors_name_the_field():
 
 
 def test_gin_rmoe_file(monkeypatch):
-  gin_setup = pytest.importorskip('st_moe_jax.gin_setup')
   monkeypatch.chdir(REPO)
   gin_setup.parse_model_gin(['gin/models/st_moe_tiny.gin', 'gin/routers/rmoe.gin'],
                             ['RECURRENT_ROUTER_DIM = 16'], search_paths=[REPO])

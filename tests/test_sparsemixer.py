@@ -14,8 +14,13 @@ from st_moe_jax.config import MoeConfig
 from st_moe_jax import routing
 from st_moe_jax.moe import MoeLayer
 
-torch = pytest.importorskip('torch', reason='pip install -r requirements-test.txt (torch CPU, transformers)')
-phimoe = pytest.importorskip('transformers.models.phimoe.modeling_phimoe')
+
+@pytest.fixture(name='phimoe')
+def phimoe_fixture():
+  """transformers' PhiMoE module, the peer; only the tests comparing against it need torch."""
+  pytest.importorskip('torch', reason='pip install -r requirements-test.txt (torch CPU, transformers)')
+  return pytest.importorskip('transformers.models.phimoe.modeling_phimoe')
+
 
 E = 6
 
@@ -32,7 +37,8 @@ def _logits(seed, n=48, eps=0.01):
   return z
 
 
-def _torch_sparsemixer(z, eps, training, upstream, seed=0):
+def _torch_sparsemixer(phimoe, z, eps, training, upstream, seed=0):
+  import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   scores = torch.tensor(z, requires_grad=True)
   multiplier, experts = phimoe.sparsemixer(scores, jitter_eps=eps, training=training, top_k=2)
@@ -42,6 +48,7 @@ def _torch_sparsemixer(z, eps, training, upstream, seed=0):
 
 def _torch_draws(n, seed=0):
   """The draws transformers makes, in its order: exp [N,E], rand [N,1], exp [N,E], rand then uniform_."""
+  import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   exp1 = torch.empty(n, E).exponential_()
   u1 = torch.rand(n, 1)
@@ -65,10 +72,10 @@ def _jax_sparsemixer(z, eps, upstream, noise=None):
 
 
 @pytest.mark.parametrize('eps', [0.01, 0.1, 0.5])
-def test_evaluation_mode_matches_phimoe(eps):
+def test_evaluation_mode_matches_phimoe(eps, phimoe):
   z = _logits(0, eps=eps)
   upstream = np.random.default_rng(1).normal(size=(z.shape[0], 2)).astype(np.float32)
-  ref_index, ref_mult, ref_grad = _torch_sparsemixer(z, eps, training=False, upstream=upstream)
+  ref_index, ref_mult, ref_grad = _torch_sparsemixer(phimoe, z, eps, training=False, upstream=upstream)
   index, mult, grad = _jax_sparsemixer(z, eps, upstream)
   np.testing.assert_array_equal(index, ref_index)
   np.testing.assert_allclose(mult, ref_mult, rtol=1e-5, atol=1e-6)
@@ -81,10 +88,10 @@ def test_evaluation_mode_matches_phimoe(eps):
 
 @pytest.mark.parametrize('eps', [0.01, 0.1, 0.5])
 @pytest.mark.parametrize('seed', [0, 1, 2])
-def test_training_mode_with_torchs_draws_matches_phimoe(eps, seed):
+def test_training_mode_with_torchs_draws_matches_phimoe(eps, seed, phimoe):
   z = _logits(10 + seed, n=64, eps=eps)
   upstream = np.random.default_rng(seed).normal(size=(z.shape[0], 2)).astype(np.float32)
-  ref_index, ref_mult, ref_grad = _torch_sparsemixer(z, eps, training=True, upstream=upstream, seed=seed)
+  ref_index, ref_mult, ref_grad = _torch_sparsemixer(phimoe, z, eps, training=True, upstream=upstream, seed=seed)
   index, mult, grad = _jax_sparsemixer(z, eps, upstream, noise=_torch_draws(z.shape[0], seed))
   np.testing.assert_array_equal(index, ref_index)
   np.testing.assert_allclose(mult, ref_mult, rtol=1e-5, atol=1e-6)
@@ -152,7 +159,8 @@ def _exact_pair_distribution(z, eps):
   return pairs, p
 
 
-def test_training_sampling_frequencies_agree_with_the_distribution_and_torch():
+def test_training_sampling_frequencies_agree_with_the_distribution_and_torch(phimoe):
+  import torch  # pylint: disable=g-import-not-at-top
   z = np.array([0.50, 0.49, 0.48, 0.45, 0.30, -1.0], np.float32)
   eps, n = 0.1, 20000
   pairs, p = _exact_pair_distribution(z, eps)
@@ -208,7 +216,8 @@ def test_evaluation_ignores_rng_and_sampling_depends_on_it():
   np.testing.assert_array_equal(e3[0].reshape(32, 2), e1[0])
 
 
-def test_layer_balance_loss_is_phimoes_global_switch_loss():
+def test_layer_balance_loss_is_phimoes_global_switch_loss(phimoe):
+  import torch  # pylint: disable=g-import-not-at-top
   """MoeLayer(routing_method='sparsemixer') sows transformers' load_balancing_loss_func: deterministic
   top-k of the full softmax, token fractions over the whole batch, padding excluded."""
   b, length, hidden = 2, 6, 4
