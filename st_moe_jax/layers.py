@@ -57,7 +57,10 @@ class Kernel(nn.Module):
 
 
 def flat_matmul(x: Array, kernels: Sequence[Array]) -> list[Array]:
-  """x <float>[..., K] times each 2-D kernel [K, M_i] as one [prod(...), K] product (see Dense) -> [..., M_i]."""
+  """x <float>[..., K] times each 2-D kernel [K, M_i], as one [prod(...), K] product (see Dense).
+
+  Returns [<float>[..., M_i], ...].
+  """
   flat = x.reshape(-1, x.shape[-1])
   return [jnp.dot(flat, k).reshape(*x.shape[:-1], k.shape[-1]) for k in kernels]
 

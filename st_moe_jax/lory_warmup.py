@@ -1,4 +1,4 @@
-"""Lory's dense warm-up (seed_methods.md §3.3): train the dense model for the first W steps, then copy its
+"""Lory's dense warm-up (docs/seed_methods.md §3.3): train the dense model for the first W steps, then copy its
 FFN into every expert, draw a random router, and train the Lory model from step W on.
 
   train.py ─► lory_dense_warmup (the plan, or None) ─► fit_with_dense_warmup:

@@ -1,7 +1,7 @@
 """Training losses: cross-entropy with output z-loss and label smoothing, and the MoE loss composition; the
 one reader of the metrics MoE layers sow (`moe_metrics`, `per_layer_moe_metrics`).
 
-routing.md §7: total = CE + z_loss · mean (logsumexp logits)² + aux_factor · mean_layers(aux)
+docs/routing.md §7: total = CE + z_loss · mean (logsumexp logits)² + aux_factor · mean_layers(aux)
 + router_z_factor · mean_layers(router_z), every token mean taken over real target tokens only.
 Metric names are t5x's, so TensorBoard looks the same as a t5x MoE run.
 """

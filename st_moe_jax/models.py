@@ -2,9 +2,9 @@
 
 The architecture only decides where the sparse layers go (`sparse_layer_indices`) and wires them; the MoE
 layer itself is `moe.MoeLayer` (or `lory.LoryMoeLayer`, MoeConfig.moe_type='lory'), which receives the
-stack's `config.MoeConfig` as it is. With
-MoeConfig.router='recurrent' (RMoE) each stack owns one recurrent cell shared by its MoE layers, and the
-per-token routing state flows through the stack's layers in depth order (see `routers.RecurrentRouter`). Parameter names follow flaxformer (docs/design.md §3), e.g.
+stack's `config.MoeConfig` as it is. With MoeConfig.router='recurrent' (RMoE) each stack owns one recurrent
+cell shared by its MoE layers, and the per-token routing state flows through the stack's layers in depth
+order (see `routers.RecurrentRouter`). Parameter names follow flaxformer (docs/design.md §3), e.g.
 `encoder/layers_3/mlp/expert/wi_0/kernel`, `decoder/layers_1/extra_mlp/wo/kernel`, `token_embedder/embedding`.
 
 Notation: B batch, L length (Le encoder, Ld decoder), H d_model, N heads, D head dim, V vocabulary.

@@ -1,6 +1,6 @@
 """Adafactor as t5x runs it, built from optax transformations; learning-rate schedules; parameter freezing.
 
-Semantics are `../shared/reference/routing.md` §9. The optimizer reads top to bottom:
+Semantics are `docs/routing.md` §9. The optimizer reads top to bottom:
 
   scale_by_factored_rms      u = g / √v̂   (factored row/column statistics for large matrices)
   clip_by_block_rms          u ← u / max(1, RMS(u))
@@ -346,7 +346,7 @@ def adafactor(learning_rate: optax.ScalarOrSchedule, rules: FactorRules = None, 
               epsilon1: float = 1e-30, clipping_threshold: Optional[float] = 1.0,
               multiply_by_parameter_scale: bool = True, epsilon2: float = 1e-3,
               momentum: Optional[float] = None) -> optax.GradientTransformation:
-  """Adafactor with t5x's defaults (routing.md §9).
+  """Adafactor with t5x's defaults (docs/routing.md §9).
 
   Args:
     learning_rate: a float or an optax schedule of the step (e.g. `rsqrt_schedule()`).

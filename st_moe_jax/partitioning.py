@@ -1,4 +1,4 @@
-"""The ('data', 'expert', 'model') device mesh, logical axis rules, and shardings (routing.md §10).
+"""The ('data', 'expert', 'model') device mesh, logical axis rules, and shardings (docs/routing.md §10).
 
 Model code names only logical axes; this module is the one place they meet mesh axes. Batches are split
 over ('expert', 'data') together, expert parameters over 'expert', mlp / heads / vocab over 'model'. Under
@@ -106,7 +106,7 @@ def activate(mesh: Mesh, rules: Optional[LogicalRules] = None):
 
 
 def num_expert_replicas(mesh: Mesh) -> int:
-  """devices ÷ (expert partitions × model partitions): MoeLayer.num_expert_replicas (routing.md §5)."""
+  """devices ÷ (expert partitions × model partitions): MoeConfig.num_expert_replicas (docs/routing.md §5)."""
   return max(mesh.shape['data'], 1)
 
 

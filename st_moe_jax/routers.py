@@ -52,7 +52,7 @@ class LinearRouter(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# RMoE: the layerwise recurrent router (seed_methods.md §2). Depth is the "time" axis: one cell, shared by
+# RMoE: the layerwise recurrent router (docs/seed_methods.md §2). Depth is the "time" axis: one cell, shared by
 # every MoE layer of a stack, carries a per-token state from layer to layer. It never recurs over sequence
 # positions, so it is causal and parallel over tokens.
 
@@ -88,8 +88,6 @@ class RecurrentRouterCell(nn.Module):
   @nn.compact
   def __call__(self, inputs: Array, state: Array) -> Array:
     """inputs, state: <float32>[..., p] -> new state <float32>[..., p]."""
-    if self.cell not in RECURRENT_CELLS:
-      raise ValueError(f'MoeConfig.recurrent_router_cell must be one of {RECURRENT_CELLS}, got {self.cell!r}.')
     p = self.features
     rows = 3 if self.cell == 'gru' else 1
     kernel = lambda name: self.param(name, _normal(self.init_std, ('unmodeled', None)),
@@ -146,9 +144,6 @@ class RecurrentRouter(nn.Module):
     Returns:
       (logits <float32>[..., E], new state <float32>[..., p]).
     """
-    if self.state_mode not in RECURRENT_STATE_MODES:
-      raise ValueError(f'MoeConfig.recurrent_router_state must be one of {RECURRENT_STATE_MODES}, '
-                       f'got {self.state_mode!r}.')
     if not jnp.issubdtype(token_inputs.dtype, jnp.floating):
       raise TypeError(f'Router inputs must be floating point, got dtype {token_inputs.dtype}.')
     p = self.cell.features

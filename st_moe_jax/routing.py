@@ -1,6 +1,6 @@
 """Routing math for mixture-of-experts layers: pure functions, float32 throughout.
 
-Semantics are those of `../shared/reference/routing.md` (the flaxformer / t5x ST-MoE routers), except
+Semantics are those of `docs/routing.md` (the flaxformer / t5x ST-MoE routers), except
 that padding tokens are never dispatched and never counted in the router losses.
 
 Notation: G groups, T tokens per group, E experts, C expert capacity, k experts selected per token.
@@ -297,7 +297,7 @@ def experts_choose(router_probs: Array, *, expert_capacity: int,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SparseMixer-v2 (GRIN): sampled routing with a Heun-style gradient estimator, seed_methods.md §1.
+# SparseMixer-v2 (GRIN): sampled routing with a Heun-style gradient estimator, docs/seed_methods.md §1.
 
 @jax.custom_vjp
 def _grin_gate(logits: Array, probs: Array, chosen: Array, factor: Array) -> Array:
@@ -380,7 +380,7 @@ def sparsemixer_given_noise(router_logits: Array, exponential: Optional[Array], 
 
 def sparsemixer(router_logits: Array, *, num_selected_experts: int = 2, jitter_eps: float = 0.01,
                 rng: Optional[Array] = None) -> tuple[Array, Array]:
-  """GRIN's SparseMixer-v2 routing (seed_methods.md §1.2–1.3).
+  """GRIN's SparseMixer-v2 routing (docs/seed_methods.md §1.2–1.3).
 
   Args:
     router_logits: <float>[..., E].
@@ -421,7 +421,7 @@ def dropless_metrics(weights: Array, padding_mask: Optional[Array] = None) -> di
 
 
 def routing_metrics(routing: Routing, padding_mask: Optional[Array] = None) -> dict[str, Array]:
-  """The t5x MoE metrics of one layer (routing.md §6), padding excluded.
+  """The t5x MoE metrics of one layer (docs/routing.md §6), padding excluded.
 
   Returns float32 scalars: fraction_tokens_left_behind, expert_usage, router_confidence.
   """

@@ -22,7 +22,7 @@ MOE = models.MoeConfig(num_sparse_layers=1, num_experts=4, expert_mlp_dim=20, ex
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Layouts (routing.md §8).
+# Layouts (docs/routing.md §8).
 
 @pytest.mark.parametrize('layers,sparse,layout,expected', [
     (12, 3, 'MIXED', (3, 7, 11)),

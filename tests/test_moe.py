@@ -39,7 +39,7 @@ def _apply(layer, variables, x, padding_mask=None, enable_dropout=False, rng=2, 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Grouping (routing.md §5)
+# Grouping (docs/routing.md §5)
 
 def test_plan_groups_follows_the_rule():
   assert moe.plan_groups(8, 512, 4096, multiple=8) == (8, 8, 512)  # groups of 512 at E = 8

@@ -1,4 +1,4 @@
-"""Adafactor against a plain numpy reference of routing.md §9; t5x's factoring of every ST-MoE parameter;
+"""Adafactor against a plain numpy reference of docs/routing.md §9; t5x's factoring of every ST-MoE parameter;
 per-expert statistics; schedules; freezing."""
 
 import fnmatch

@@ -1,4 +1,4 @@
-"""Routing math against hand-computed cases and a loop-by-loop reference of routing.md, each case both
+"""Routing math against hand-computed cases and a loop-by-loop reference of docs/routing.md, each case both
 under jax.jit and op by op (the `jit` fixture, tests/conftest.py)."""
 
 import math
@@ -17,7 +17,7 @@ def _buffers(route):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A plain-Python reference of routing.md §3 and §4, written as the spec reads (loops, no sorting tricks).
+# A plain-Python reference of docs/routing.md §3 and §4, written as the spec reads (loops, no sorting tricks).
 
 def reference_tokens_choose(probs, k, capacity, bpr=False, mask=None):
   probs = np.asarray(probs, np.float32)
