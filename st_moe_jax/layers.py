@@ -172,7 +172,7 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), jnp.float32)
     x = x.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
-    return (x * scale).astype(self.dtype)
+    return (x * scale[(None,) * (x.ndim - 1)]).astype(self.dtype)
 
 
 class Embed(nn.Module):
