@@ -64,6 +64,18 @@ def test_plan_groups_strict_raises_with_sizes():
     moe.plan_groups(3, 5, 4, multiple=1, strict=True)
 
 
+def test_group_tokens_pads_flags_and_ungroups_exactly():
+  x = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2) + 1.0
+  mask = jnp.asarray([[1, 1, 0], [1, 1, 1]])
+  grouped, real, groups = moe.group_tokens(x, mask, group_size=4096, multiple=4)  # 6 tokens -> length 4
+  assert groups == moe.Groups(2, 3, 2, 4, 4) and grouped.shape == (4, 2, 2) and real.shape == (4, 2)
+  # Row-major order: batch row 0 is groups 0-1, its padded 4th position is the last token of group 1.
+  np.testing.assert_array_equal(real.reshape(2, 4), [[1, 1, 0, 0], [1, 1, 1, 0]])
+  np.testing.assert_array_equal(grouped.reshape(2, 4, 2)[:, :3], x)
+  np.testing.assert_array_equal(grouped.reshape(2, 4, 2)[:, 3], 0.0)
+  np.testing.assert_array_equal(moe.ungroup(grouped, groups), x)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The layer
 
