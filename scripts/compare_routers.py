@@ -109,8 +109,9 @@ def transformer_config(mlp_dim: int) -> models.TransformerConfig:
 
 def moe_config(num_experts: int, **kwargs) -> models.MoeConfig:
   base = dict(num_sparse_layers=NUM_SPARSE, sparse_layout='MIXED', extra_mlp=False, num_experts=num_experts,
-              expert_mlp_dim=EXPERT_F, num_selected_experts=2, train_capacity_factor=2.5,
-              eval_capacity_factor=4.0, group_size=4096)
+              expert_mlp_dim=EXPERT_F, group_size=4096)
+  if kwargs.get('moe_type') != 'lory':  # Lory merges experts: top-k and capacity settings are refused
+    base.update(num_selected_experts=2, train_capacity_factor=2.5, eval_capacity_factor=4.0)
   base.update(kwargs)
   return models.MoeConfig(**base)
 
