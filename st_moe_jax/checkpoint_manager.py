@@ -198,6 +198,11 @@ class CheckpointManager:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored['params'], restored['opt_state']
 
+  def reached_preemption(self, step: int) -> bool:
+    """True at the step all processes agreed to save at after one of them got a preemption notice (JAX's
+    preemption sync manager, multi-process runs started with jax.distributed); False otherwise."""
+    return self._manager.reached_preemption(step)
+
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
 

@@ -18,6 +18,8 @@ import dataclasses
 import functools
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
@@ -311,12 +313,35 @@ class LoopConfig:
   async_checkpointing: bool = True
 
 
+# Preemption (SIGTERM: TPU VMs, Kubernetes). Single-process runs catch the signal here and the loop saves at
+# the next step; multi-process runs (jax.distributed) leave SIGTERM to JAX's preemption sync manager, which
+# makes every process agree on the step to save at (CheckpointManager.reached_preemption).
+_PREEMPTED = threading.Event()  # set once, never cleared: a process that was preempted trains no more
+
+
+def _on_sigterm(signum, frame) -> None:
+  del signum, frame
+  _PREEMPTED.set()
+
+
+def _install_sigterm_handler() -> Optional[Any]:
+  """Installs _on_sigterm; returns the handler it replaced, or None where it installs nothing (not the
+  main thread, or jax.distributed's own preemption notifier owns SIGTERM)."""
+  if threading.current_thread() is not threading.main_thread() or jax.distributed.is_initialized():
+    return None
+  return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loop: LoopConfig, *,
         eval_data: Optional[Callable[[], Iterator[Batch]]] = None, eval_name: str = 'validation',
         initial_checkpoint_path: Optional[str] = None,
         start_state: Optional[Callable[[Trainer], TrainState]] = None,
-        print_fn: Callable[[str], None] = None) -> TrainState:
+        print_fn: Callable[[str], None] = None) -> Optional[TrainState]:
   """Trains to loop.train_steps, resuming from MODEL_DIR's latest checkpoint if there is one.
+
+  On SIGTERM (or, multi-process, at the preemption sync point) it saves a checkpoint at the current step,
+  waits for it, prints one line and returns the state: the process can exit 0 and a rerun resumes
+  exactly. A later call in a preempted process returns None at once.
 
   Args:
     trainer: the Trainer (set up by `fit` from the first batch).
@@ -332,6 +357,19 @@ def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loo
   Raises:
     TrainingDivergedError: NaN / inf loss. Nothing from the diverged steps is saved.
   """
+  if _PREEMPTED.is_set():
+    return None
+  previous = _install_sigterm_handler()
+  try:
+    return _fit(trainer, model_dir, train_data, loop, eval_data=eval_data, eval_name=eval_name,
+                initial_checkpoint_path=initial_checkpoint_path, start_state=start_state, print_fn=print_fn)
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loop: LoopConfig, *,
+         eval_data, eval_name, initial_checkpoint_path, start_state, print_fn) -> TrainState:
   print_fn = print_fn or (lambda line: print(line, flush=True))
   manager = ckpt_lib.CheckpointManager(model_dir, loop.checkpoint_period, loop.keep, loop.async_checkpointing)
   first = next(train_data)
@@ -366,6 +404,16 @@ def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loo
         compile_s = time.time() - tic
         tic, window_steps, window_tokens = time.time(), 0, 0.0
       done = step == loop.train_steps
+      # Every step, on every process (the sync point is collective); saved before any log or eval so the
+      # grace period goes to the checkpoint.
+      preempted = manager.reached_preemption(step) or _PREEMPTED.is_set()
+      if preempted and not done:
+        _check_finite(first_bad, manager, model_dir)
+        manager.save(step, state.params, state.opt_state, train_data, force=True)
+        manager.wait_until_finished()
+        print_fn(f'Preempted (SIGTERM) at step {step}: saved checkpoint_{step}; rerun the same command to '
+                 'resume.')
+        return state
       if step % loop.log_period == 0 or done:
         _check_finite(first_bad, manager, model_dir)
         elapsed = max(time.time() - tic, 1e-9)
