@@ -356,6 +356,7 @@ def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loo
 
   Raises:
     TrainingDivergedError: NaN / inf loss. Nothing from the diverged steps is saved.
+    checkpoint_manager.CheckpointCorruptError: every checkpoint in MODEL_DIR is damaged.
   """
   if _PREEMPTED.is_set():
     return None
@@ -470,13 +471,26 @@ def _initial_state(trainer: Trainer, manager: ckpt_lib.CheckpointManager,
   Fine-tuning keeps the checkpoint's step and, as t5x, the learning-rate schedule goes on from it; the
   optimizer state is fresh (new parameters are initialised).
   """
-  latest = manager.latest_step()
-  if latest is not None:
+  # Newest first: a damaged checkpoint is moved aside (not deleted) and the one before it is tried.
+  corrupt = []
+  for latest in sorted(manager.all_steps(), reverse=True):
     abstract = trainer.abstract_state
-    params, opt_state = manager.restore(latest, abstract.params, abstract.opt_state, train_data)
+    try:
+      params, opt_state = manager.restore(latest, abstract.params, abstract.opt_state, train_data)
+    except ckpt_lib.CheckpointCorruptError as e:
+      aside = manager.move_aside(latest)
+      corrupt.append(f'{e} (moved to {aside})')
+      print_fn(f'WARNING: {e}; moved it to {os.path.basename(aside)} and trying the previous checkpoint.')
+      continue
     print_fn(f'Resumed from {manager.directory}/checkpoint_{latest}.')
     step = jax.device_put(np.int32(latest), trainer.state_shardings.step)
     return TrainState(step, params, opt_state), True
+  if corrupt:
+    # Starting over silently would overwrite a long run's progress with a fresh one.
+    raise ckpt_lib.CheckpointCorruptError(
+        None, 'No intact checkpoint to resume from; every checkpoint in ' + manager.directory
+        + ' is damaged:\n  ' + '\n  '.join(corrupt)
+        + '\nRestore a copy of MODEL_DIR, or train in a fresh MODEL_DIR.')
   if initial_checkpoint_path:
     restored, missing = ckpt_lib.restore_params(initial_checkpoint_path, trainer.abstract_params,
                                                 partial=True)

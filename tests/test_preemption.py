@@ -75,3 +75,46 @@ def test_sigterm_saves_exits_0_and_resume_equals_uninterrupted_run(tmp_path):
   _, err = uninterrupted.communicate(timeout=120)
   assert uninterrupted.returncode == 0, err[-3000:]
   jax.tree.map(np.testing.assert_array_equal, params_of(straight, STEPS), params_of(preempted, STEPS))
+
+
+@pytest.mark.slow
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  """A truncated chunk file, then a deleted params/_METADATA: each time checkpoint_2 is named, moved aside
+  and the run resumes from checkpoint_1; with nothing intact the run stops with a clear error."""
+  import shutil
+  from st_moe_jax import trainer
+  from tests import test_checkpoint_manager as tcm
+  from tests import test_trainer as tt
+  trained = str(tmp_path / 'trained')
+  tr = tt.make_trainer()
+  trainer.fit(tr, trained, tt.make_data(),
+              trainer.LoopConfig(2, tt.BATCH, log_period=100, eval_period=1000, checkpoint_period=1),
+              print_fn=lambda _: None)
+  assert checkpoints(trained) == ['checkpoint_1', 'checkpoint_2']
+  # TRAIN_STEPS=1: the resumed run stops at checkpoint_1 (restore only, no compilation).
+  loop = trainer.LoopConfig(1, tt.BATCH, log_period=100, eval_period=1000, checkpoint_period=1)
+  for damage in ('truncated_chunk', 'deleted_metadata'):
+    model_dir = str(tmp_path / damage)
+    shutil.copytree(trained, model_dir)
+    params_dir = os.path.join(model_dir, 'checkpoint_2', 'params')
+    if damage == 'truncated_chunk':
+      path = tcm.largest_data_file(params_dir)
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+    else:
+      os.remove(os.path.join(params_dir, '_METADATA'))
+    lines = []
+    trainer.fit(tr, model_dir, tt.make_data(), loop, print_fn=lines.append)
+    warning = [l for l in lines if l.startswith('WARNING: checkpoint_2 is corrupt: ')]
+    assert len(warning) == 1 and len(warning[0].splitlines()) == 1, lines
+    assert ('_METADATA is missing' if damage == 'deleted_metadata' else 'OCDBT') in warning[0]
+    assert f'Resumed from {model_dir}/checkpoint_1.' in lines
+    aside = [n for n in os.listdir(model_dir) if n.startswith('checkpoint_2.corrupt-')]
+    assert len(aside) == 1 and f'moved it to {aside[0]}' in warning[0]
+    assert checkpoints(model_dir) == ['checkpoint_1'] + aside
+
+  # Nothing intact: a clear error, and every damaged checkpoint is kept (moved aside, never deleted).
+  os.remove(os.path.join(model_dir, 'checkpoint_1', 'params', '_METADATA'))
+  with pytest.raises(trainer.ckpt_lib.CheckpointCorruptError, match='No intact checkpoint to resume from'):
+    trainer.fit(tr, model_dir, tt.make_data(), loop, print_fn=lambda _: None)
+  assert len([n for n in os.listdir(model_dir) if '.corrupt-' in n]) == 2
