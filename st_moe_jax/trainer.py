@@ -246,8 +246,12 @@ class Trainer(Evaluator):
     params = optax.apply_updates(state.params, updates)
     # A finite loss can still come with a non-finite update (e.g. an infinite gradient): both are checked
     # so that no checkpoint ever holds the parameters of a diverged step.
+    metrics = {**metrics, 'learning_rate': jnp.asarray(learning_rate, jnp.float32)}
+    # Which values were not finite, in the order of nonfinite_names (the error names them).
+    nonfinite = jnp.stack([~jnp.isfinite(metrics[k]) for k in sorted(metrics)]
+                          + [~jnp.isfinite(optax.global_norm(updates))])
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(optax.global_norm(updates))
-    metrics = {**metrics, 'learning_rate': jnp.asarray(learning_rate, jnp.float32), 'finite': finite}
+    metrics = {**metrics, 'finite': finite, 'nonfinite': nonfinite}
     return TrainState(state.step + 1, params, opt_state), metrics
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -390,6 +394,7 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
   eval_writer = (summaries.SummaryWriter(os.path.join(model_dir, 'training_eval', eval_name))
                  if eval_data else None)
   first_bad = jnp.asarray(-1, jnp.int32)  # the first step whose loss was not finite, kept on device
+  bad_values = None  # that step's `nonfinite` flags, kept on device too
   step = int(state.step)
   start = tic = time.time()
   window_steps, window_tokens, compile_s = 0, 0.0, None
@@ -398,7 +403,10 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
       batch = pending.pop() if pending else next(train_data)
       state, metrics = trainer.train_step(state, batch)
       step += 1
-      first_bad = jnp.where((first_bad < 0) & ~metrics['finite'], step, first_bad)
+      newly_bad = (first_bad < 0) & ~metrics['finite']
+      first_bad = jnp.where(newly_bad, step, first_bad)
+      bad_values = jnp.where(newly_bad, metrics['nonfinite'],
+                             metrics['nonfinite'] if bad_values is None else bad_values)
       window_steps += 1
       window_tokens += float(np.sum(batch.get('decoder_loss_weights', batch['decoder_target_tokens'] > 0)))
       if compile_s is None:  # the first step includes compilation
@@ -409,16 +417,16 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
       # grace period goes to the checkpoint.
       preempted = manager.reached_preemption(step) or _PREEMPTED.is_set()
       if preempted and not done:
-        _check_finite(first_bad, manager, model_dir)
+        _check_finite(first_bad, bad_values, metrics, manager, model_dir)
         manager.save(step, state.params, state.opt_state, train_data, force=True)
         manager.wait_until_finished()
         print_fn(f'Preempted (SIGTERM) at step {step}: saved checkpoint_{step}; rerun the same command to '
                  'resume.')
         return state
       if step % loop.log_period == 0 or done:
-        _check_finite(first_bad, manager, model_dir)
+        _check_finite(first_bad, bad_values, metrics, manager, model_dir)
         elapsed = max(time.time() - tic, 1e-9)
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'finite'}
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in ('finite', 'nonfinite')}
         steps_per_s = window_steps / elapsed
         tokens_per_s = window_tokens * jax.process_count() / elapsed
         scalars.update({'timing/steps_per_second': steps_per_s,
@@ -430,14 +438,14 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
                                       time.time() - start))
         tic, window_steps, window_tokens = time.time(), 0, 0.0
       if eval_data is not None and (step % loop.eval_period == 0 or done):
-        _check_finite(first_bad, manager, model_dir)
+        _check_finite(first_bad, bad_values, metrics, manager, model_dir)
         eval_start = time.time()
         results = evaluate(trainer, state.params, eval_data(), loop.batch_size, loop.eval_steps)
         eval_writer.write(step, {k: v for k, v in results.items() if not k.startswith('layer/')})
         print_fn(summaries.eval_line(step, eval_name, results, time.time() - start))
         tic += time.time() - eval_start  # throughput counts training time only
       if manager.should_save(step) or done:
-        _check_finite(first_bad, manager, model_dir)
+        _check_finite(first_bad, bad_values, metrics, manager, model_dir)
         manager.save(step, state.params, state.opt_state, train_data, force=True)
   finally:
     manager.wait_until_finished()
@@ -448,16 +456,21 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
   return state
 
 
-def _check_finite(first_bad: jax.Array, manager: ckpt_lib.CheckpointManager, model_dir: str) -> None:
+def _check_finite(first_bad: jax.Array, bad_values: jax.Array, metrics: Mapping[str, jax.Array],
+                  manager: ckpt_lib.CheckpointManager, model_dir: str) -> None:
+  """Raises TrainingDivergedError naming the first non-finite step and its non-finite values; called before
+  every log, eval and save, so no checkpoint (periodic, final, preemption; async or not) holds that state."""
   bad = int(first_bad)
   if bad < 0:
     return
+  names = sorted(k for k in metrics if k not in ('finite', 'nonfinite')) + ['update']
+  which = ', '.join(n for n, flag in zip(names, np.asarray(bad_values)) if flag)
   manager.wait_until_finished()
   last = manager.latest_step()
   kept = (f'The last good checkpoint, {model_dir}/checkpoint_{last}, is untouched; a rerun resumes from it.'
           if last is not None else 'No checkpoint was saved before it.')
   raise TrainingDivergedError(
-      f'The training loss (or its update) became NaN or infinite at step {bad}; training stopped and nothing '
+      f'The training loss (or its update) became NaN or infinite at step {bad} (non-finite: {which}); training stopped and nothing '
       f'from that step on was saved. {kept} Try a lower learning rate, a larger warm-up, ROUTER_Z_LOSS_FACTOR > 0 or float32 '
       'activations.')
 
