@@ -10,13 +10,16 @@ Layout (t5x-like names, orbax format):
     dataset/     train_ds-<process>-of-<count>.*: each process's tf.data iterator (tf.train.Checkpoint)
 
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a crash mid-save
-never leaves a half-written `checkpoint_<step>` behind.
+never leaves a half-written `checkpoint_<step>` behind. A checkpoint damaged later (a truncated chunk, a
+deleted file) raises CheckpointCorruptError on restore; `move_aside` renames it to
+checkpoint_<step>.corrupt-<time>, which orbax no longer lists, so the run resumes from the one before.
 """
 
 import dataclasses
 import logging
 import os
 import re
+import time
 from typing import Any, Optional
 
 import jax
@@ -34,6 +37,39 @@ class CheckpointShapeError(ValueError):
   """A checkpoint's parameters do not match the model (another model gin or other macros)."""
 
 
+class ProcessCountError(FileNotFoundError):
+  """A checkpoint has no data iterator state for this process (saved with another process count): a user
+  error, never taken for a corrupt checkpoint."""
+
+
+# A subclass of CheckpointShapeError only so that cli.run_main (which catches that one) prints it as a
+# one-line error without a stack trace.
+class CheckpointCorruptError(CheckpointShapeError):
+  """A checkpoint's files are damaged or missing (not a model mismatch)."""
+
+  def __init__(self, step: Optional[int], reason: str):
+    super().__init__(reason if step is None else f'{STEP_PREFIX}_{step} is corrupt: {reason}')
+    self.step = step
+    self.reason = reason
+
+
+def _find_in_chain(error: Optional[BaseException], kind: type) -> bool:
+  while error is not None:
+    if isinstance(error, kind):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _root_cause(error: BaseException) -> str:
+  """The innermost cause's first line (TensorStore's 'Error reading ... in OCDBT database at ...'), not the
+  outer exception's spec dump."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  lines = str(error).strip().splitlines() or [type(error).__name__]
+  return lines[0][:400]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The data iterator as an orbax item.
 
@@ -49,7 +85,9 @@ class DatasetHandler(ocp.CheckpointHandler):
   def restore(self, directory: epath.Path, args: 'DatasetArgs') -> data_lib.DataIterator:
     prefix = self._prefix(directory)
     if not os.path.exists(prefix + '.index'):
-      raise FileNotFoundError(f'{directory} holds no data iterator state for process {jax.process_index()} '
+      if not any(name.endswith('.index') for name in os.listdir(directory)):
+        raise FileNotFoundError(f'{prefix}.index is missing')  # damaged: CheckpointCorruptError
+      raise ProcessCountError(f'{directory} holds no data iterator state for process {jax.process_index()} '
                               f'of {jax.process_count()} (was the run saved with another process count?).')
     args.iterator.restore(prefix)
     return args.iterator
@@ -165,6 +203,10 @@ class CheckpointManager:
     """Raises CheckpointShapeError listing every parameter (then optimizer-state leaf) whose shape or
     presence differs from what this model and optimizer expect."""
     checkpoint = f'{self.directory}/{STEP_PREFIX}_{step}'
+    # Without its tree metadata an item reads as empty, which would look like a model of another shape.
+    for item in ('params',) if abstract_opt_state is None else ('params', 'opt_state'):
+      if not os.path.exists(os.path.join(checkpoint, item, '_METADATA')):
+        raise CheckpointCorruptError(step, f'{checkpoint}/{item}/_METADATA is missing')
     problems = _shape_problems(os.path.join(checkpoint, 'params'), abstract_params, 'parameters')
     if problems:
       raise CheckpointShapeError(
@@ -195,8 +237,31 @@ class CheckpointManager:
     items = {'params': _pytree_restore(abstract_params), 'opt_state': _pytree_restore(abstract_opt_state)}
     if data_iterator is not None:
       items['dataset'] = DatasetArgs(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      if _find_in_chain(e, ProcessCountError):
+        raise
+      raise CheckpointCorruptError(step, _root_cause(e)) from e
     return restored['params'], restored['opt_state']
+
+  def move_aside(self, step: int) -> str:
+    """Renames checkpoint_<step> to checkpoint_<step>.corrupt-<UTC time> (never deletes it: the user may
+    want to inspect or repair it) and makes orbax forget the step; returns the new path."""
+    source = os.path.join(self.directory, f'{STEP_PREFIX}_{step}')
+    target = f'{source}.corrupt-{time.strftime("%Y%m%dT%H%M%S", time.gmtime())}'
+    if jax.process_index() == 0:
+      os.rename(source, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'move_aside_{step}')
+    self._manager.reload()
+    return target
+
+  def reached_preemption(self, step: int) -> bool:
+    """True at the step all processes agreed to save at after one of them got a preemption notice (JAX's
+    preemption sync manager, multi-process runs started with jax.distributed); False otherwise."""
+    return self._manager.reached_preemption(step)
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

@@ -18,6 +18,8 @@ import dataclasses
 import functools
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
@@ -244,8 +246,12 @@ class Trainer(Evaluator):
     params = optax.apply_updates(state.params, updates)
     # A finite loss can still come with a non-finite update (e.g. an infinite gradient): both are checked
     # so that no checkpoint ever holds the parameters of a diverged step.
+    metrics = {**metrics, 'learning_rate': jnp.asarray(learning_rate, jnp.float32)}
+    # Which values were not finite, in the order of nonfinite_names (the error names them).
+    nonfinite = jnp.stack([~jnp.isfinite(metrics[k]) for k in sorted(metrics)]
+                          + [~jnp.isfinite(optax.global_norm(updates))])
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(optax.global_norm(updates))
-    metrics = {**metrics, 'learning_rate': jnp.asarray(learning_rate, jnp.float32), 'finite': finite}
+    metrics = {**metrics, 'finite': finite, 'nonfinite': nonfinite}
     return TrainState(state.step + 1, params, opt_state), metrics
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -311,12 +317,35 @@ class LoopConfig:
   async_checkpointing: bool = True
 
 
+# Preemption (SIGTERM: TPU VMs, Kubernetes). Single-process runs catch the signal here and the loop saves at
+# the next step; multi-process runs (jax.distributed) leave SIGTERM to JAX's preemption sync manager, which
+# makes every process agree on the step to save at (CheckpointManager.reached_preemption).
+_PREEMPTED = threading.Event()  # set once, never cleared: a process that was preempted trains no more
+
+
+def _on_sigterm(signum, frame) -> None:
+  del signum, frame
+  _PREEMPTED.set()
+
+
+def _install_sigterm_handler() -> Optional[Any]:
+  """Installs _on_sigterm; returns the handler it replaced, or None where it installs nothing (not the
+  main thread, or jax.distributed's own preemption notifier owns SIGTERM)."""
+  if threading.current_thread() is not threading.main_thread() or jax.distributed.is_initialized():
+    return None
+  return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loop: LoopConfig, *,
         eval_data: Optional[Callable[[], Iterator[Batch]]] = None, eval_name: str = 'validation',
         initial_checkpoint_path: Optional[str] = None,
         start_state: Optional[Callable[[Trainer], TrainState]] = None,
-        print_fn: Callable[[str], None] = None) -> TrainState:
+        print_fn: Callable[[str], None] = None) -> Optional[TrainState]:
   """Trains to loop.train_steps, resuming from MODEL_DIR's latest checkpoint if there is one.
+
+  On SIGTERM (or, multi-process, at the preemption sync point) it saves a checkpoint at the current step,
+  waits for it, prints one line and returns the state: the process can exit 0 and a rerun resumes
+  exactly. A later call in a preempted process returns None at once.
 
   Args:
     trainer: the Trainer (set up by `fit` from the first batch).
@@ -331,7 +360,21 @@ def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loo
 
   Raises:
     TrainingDivergedError: NaN / inf loss. Nothing from the diverged steps is saved.
+    checkpoint_manager.CheckpointCorruptError: every checkpoint in MODEL_DIR is damaged.
   """
+  if _PREEMPTED.is_set():
+    return None
+  previous = _install_sigterm_handler()
+  try:
+    return _fit(trainer, model_dir, train_data, loop, eval_data=eval_data, eval_name=eval_name,
+                initial_checkpoint_path=initial_checkpoint_path, start_state=start_state, print_fn=print_fn)
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loop: LoopConfig, *,
+         eval_data, eval_name, initial_checkpoint_path, start_state, print_fn) -> TrainState:
   print_fn = print_fn or (lambda line: print(line, flush=True))
   manager = ckpt_lib.CheckpointManager(model_dir, loop.checkpoint_period, loop.keep, loop.async_checkpointing)
   first = next(train_data)
@@ -351,6 +394,7 @@ def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loo
   eval_writer = (summaries.SummaryWriter(os.path.join(model_dir, 'training_eval', eval_name))
                  if eval_data else None)
   first_bad = jnp.asarray(-1, jnp.int32)  # the first step whose loss was not finite, kept on device
+  bad_values = None  # that step's `nonfinite` flags, kept on device too
   step = int(state.step)
   start = tic = time.time()
   window_steps, window_tokens, compile_s = 0, 0.0, None
@@ -359,17 +403,30 @@ def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loo
       batch = pending.pop() if pending else next(train_data)
       state, metrics = trainer.train_step(state, batch)
       step += 1
-      first_bad = jnp.where((first_bad < 0) & ~metrics['finite'], step, first_bad)
+      newly_bad = (first_bad < 0) & ~metrics['finite']
+      first_bad = jnp.where(newly_bad, step, first_bad)
+      bad_values = jnp.where(newly_bad, metrics['nonfinite'],
+                             metrics['nonfinite'] if bad_values is None else bad_values)
       window_steps += 1
       window_tokens += float(np.sum(batch.get('decoder_loss_weights', batch['decoder_target_tokens'] > 0)))
       if compile_s is None:  # the first step includes compilation
         compile_s = time.time() - tic
         tic, window_steps, window_tokens = time.time(), 0, 0.0
       done = step == loop.train_steps
+      # Every step, on every process (the sync point is collective); saved before any log or eval so the
+      # grace period goes to the checkpoint.
+      preempted = manager.reached_preemption(step) or _PREEMPTED.is_set()
+      if preempted and not done:
+        _check_finite(first_bad, bad_values, metrics, manager, model_dir)
+        manager.save(step, state.params, state.opt_state, train_data, force=True)
+        manager.wait_until_finished()
+        print_fn(f'Preempted (SIGTERM) at step {step}: saved checkpoint_{step}; rerun the same command to '
+                 'resume.')
+        return state
       if step % loop.log_period == 0 or done:
-        _check_finite(first_bad, manager, model_dir)
+        _check_finite(first_bad, bad_values, metrics, manager, model_dir)
         elapsed = max(time.time() - tic, 1e-9)
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'finite'}
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in ('finite', 'nonfinite')}
         steps_per_s = window_steps / elapsed
         tokens_per_s = window_tokens * jax.process_count() / elapsed
         scalars.update({'timing/steps_per_second': steps_per_s,
@@ -381,14 +438,14 @@ def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loo
                                       time.time() - start))
         tic, window_steps, window_tokens = time.time(), 0, 0.0
       if eval_data is not None and (step % loop.eval_period == 0 or done):
-        _check_finite(first_bad, manager, model_dir)
+        _check_finite(first_bad, bad_values, metrics, manager, model_dir)
         eval_start = time.time()
         results = evaluate(trainer, state.params, eval_data(), loop.batch_size, loop.eval_steps)
         eval_writer.write(step, {k: v for k, v in results.items() if not k.startswith('layer/')})
         print_fn(summaries.eval_line(step, eval_name, results, time.time() - start))
         tic += time.time() - eval_start  # throughput counts training time only
       if manager.should_save(step) or done:
-        _check_finite(first_bad, manager, model_dir)
+        _check_finite(first_bad, bad_values, metrics, manager, model_dir)
         manager.save(step, state.params, state.opt_state, train_data, force=True)
   finally:
     manager.wait_until_finished()
@@ -399,16 +456,21 @@ def fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, loo
   return state
 
 
-def _check_finite(first_bad: jax.Array, manager: ckpt_lib.CheckpointManager, model_dir: str) -> None:
+def _check_finite(first_bad: jax.Array, bad_values: jax.Array, metrics: Mapping[str, jax.Array],
+                  manager: ckpt_lib.CheckpointManager, model_dir: str) -> None:
+  """Raises TrainingDivergedError naming the first non-finite step and its non-finite values; called before
+  every log, eval and save, so no checkpoint (periodic, final, preemption; async or not) holds that state."""
   bad = int(first_bad)
   if bad < 0:
     return
+  names = sorted(k for k in metrics if k not in ('finite', 'nonfinite')) + ['update']
+  which = ', '.join(n for n, flag in zip(names, np.asarray(bad_values)) if flag)
   manager.wait_until_finished()
   last = manager.latest_step()
   kept = (f'The last good checkpoint, {model_dir}/checkpoint_{last}, is untouched; a rerun resumes from it.'
           if last is not None else 'No checkpoint was saved before it.')
   raise TrainingDivergedError(
-      f'The training loss (or its update) became NaN or infinite at step {bad}; training stopped and nothing '
+      f'The training loss (or its update) became NaN or infinite at step {bad} (non-finite: {which}); training stopped and nothing '
       f'from that step on was saved. {kept} Try a lower learning rate, a larger warm-up, ROUTER_Z_LOSS_FACTOR > 0 or float32 '
       'activations.')
 
@@ -422,13 +484,26 @@ def _initial_state(trainer: Trainer, manager: ckpt_lib.CheckpointManager,
   Fine-tuning keeps the checkpoint's step and, as t5x, the learning-rate schedule goes on from it; the
   optimizer state is fresh (new parameters are initialised).
   """
-  latest = manager.latest_step()
-  if latest is not None:
+  # Newest first: a damaged checkpoint is moved aside (not deleted) and the one before it is tried.
+  corrupt = []
+  for latest in sorted(manager.all_steps(), reverse=True):
     abstract = trainer.abstract_state
-    params, opt_state = manager.restore(latest, abstract.params, abstract.opt_state, train_data)
+    try:
+      params, opt_state = manager.restore(latest, abstract.params, abstract.opt_state, train_data)
+    except ckpt_lib.CheckpointCorruptError as e:
+      aside = manager.move_aside(latest)
+      corrupt.append(f'{e} (moved to {aside})')
+      print_fn(f'WARNING: {e}; moved it to {os.path.basename(aside)} and trying the previous checkpoint.')
+      continue
     print_fn(f'Resumed from {manager.directory}/checkpoint_{latest}.')
     step = jax.device_put(np.int32(latest), trainer.state_shardings.step)
     return TrainState(step, params, opt_state), True
+  if corrupt:
+    # Starting over silently would overwrite a long run's progress with a fresh one.
+    raise ckpt_lib.CheckpointCorruptError(
+        None, 'No intact checkpoint to resume from; every checkpoint in ' + manager.directory
+        + ' is damaged:\n  ' + '\n  '.join(corrupt)
+        + '\nRestore a copy of MODEL_DIR, or train in a fresh MODEL_DIR.')
   if initial_checkpoint_path:
     restored, missing = ckpt_lib.restore_params(initial_checkpoint_path, trainer.abstract_params,
                                                 partial=True)

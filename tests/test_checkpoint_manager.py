@@ -1,5 +1,5 @@
-"""checkpoint_manager.py: save / keep / restore, the iterator saved with the state, shape errors,
-partial restore for fine-tuning."""
+"""checkpoint_manager.py: save / keep / restore, the iterator saved with the state, shape errors, damaged
+checkpoints named and moved aside, partial restore for fine-tuning."""
 
 import os
 
@@ -93,3 +93,39 @@ def test_partial_restore_for_finetuning(tmp_path):
   assert ckpt.checkpoint_step(ckpt.resolve_checkpoint_dir(str(tmp_path))) == 3
   with pytest.raises(FileNotFoundError, match='INITIAL_CHECKPOINT_PATH'):
     ckpt.resolve_checkpoint_dir(str(tmp_path / 'nowhere'))
+
+
+def largest_data_file(item_dir) -> str:
+  """The biggest file of an orbax item (an OCDBT data file holding array chunks)."""
+  files = [os.path.join(d, f) for d, _, names in os.walk(item_dir) for f in names if '/d' in d]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize('damage', ['truncated_chunk', 'deleted_metadata'])
+def test_damaged_checkpoint_is_named_and_moved_aside(tmp_path, damage):
+  manager = ckpt.CheckpointManager(str(tmp_path), period=1)
+  big = {'w': jnp.arange(4096.0).reshape(64, 64)}  # chunks larger than OCDBT's inline values
+  for step in (1, 2):
+    manager.save(step, big, OPT, force=True)
+  manager.wait_until_finished()
+  params_dir = tmp_path / 'checkpoint_2' / 'params'
+  if damage == 'truncated_chunk':
+    path = largest_data_file(params_dir)
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+  else:
+    os.remove(params_dir / '_METADATA')
+  with pytest.raises(ckpt.CheckpointCorruptError) as error:
+    manager.restore(2, abstract(big), abstract(OPT))
+  message = str(error.value)
+  assert message.startswith('checkpoint_2 is corrupt: ') and len(message.splitlines()) == 1, message
+  assert ('_METADATA is missing' if damage == 'deleted_metadata' else 'params') in message
+  aside = manager.move_aside(2)
+  assert os.path.basename(aside).startswith('checkpoint_2.corrupt-') and os.path.isdir(aside)
+  assert manager.all_steps() == [1] and ckpt.latest_checkpoint_step(str(tmp_path)) == 1
+  params, _ = manager.restore(1, abstract(big), abstract(OPT))
+  np.testing.assert_array_equal(params['w'], np.arange(4096.0).reshape(64, 64))
+  manager.save(2, big, OPT, force=True)  # the step can be saved again
+  manager.wait_until_finished()
+  assert manager.all_steps() == [1, 2]
+  manager.close()

@@ -83,17 +83,19 @@ def test_resume_in_fresh_process_matches_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
+  """The NaN step is the last one: neither its forced final save nor an async one may write it."""
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
   from st_moe_jax import trainer
   # The update of step 4 (state.step 3) uses a NaN learning rate: its parameters are NaN.
   nan_after_3 = lambda step: jnp.where(step >= 3, jnp.nan, 0.01)
   model_dir = str(tmp_path / 'run')
-  loop = trainer.LoopConfig(8, BATCH, log_period=100, eval_period=1000, checkpoint_period=2)
-  with pytest.raises(trainer.TrainingDivergedError, match=r'at step 4.*checkpoint_2, is untouched'):
+  loop = trainer.LoopConfig(4, BATCH, log_period=100, eval_period=1000, checkpoint_period=3)
+  with pytest.raises(trainer.TrainingDivergedError,
+                     match=r'at step 4 \(non-finite: learning_rate, update\).*checkpoint_3, is untouched'):
     trainer.fit(make_trainer(nan_after_3), model_dir, make_data(), loop, print_fn=lambda _: None)
-  assert sorted(d for d in os.listdir(model_dir) if d.startswith('checkpoint')) == ['checkpoint_2']
-  params = ocp.PyTreeCheckpointer().restore(os.path.join(model_dir, 'checkpoint_2', 'params'))
+  assert sorted(d for d in os.listdir(model_dir) if d.startswith('checkpoint')) == ['checkpoint_3']
+  params = ocp.PyTreeCheckpointer().restore(os.path.join(model_dir, 'checkpoint_3', 'params'))
   assert all(np.isfinite(x).all() for x in __import__('jax').tree.leaves(params))
 
 
