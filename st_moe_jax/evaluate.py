@@ -43,6 +43,7 @@ def restore_evaluator(model: Any, checkpoint_path: str, dataset_cfg: data_lib.Da
   mesh = cli.create_mesh(num_expert_partitions, num_model_partitions, model)
   cli.check_batch(dataset_cfg.batch_size, mesh)
   kind = cli.model_kind(model)
+  cli.check_task_fits_model(dataset_cfg, kind)
   ds = data_lib.get_dataset(dataset_cfg, kind, num_processes=jax.process_count(),
                             shard=data_lib.shard_info())
   first = next(data_lib.DataIterator(ds))
