@@ -19,6 +19,10 @@ skipped). t5x's layout:
   EVAL_OUTPUT_DIR/inference_eval/<task>/                TensorBoard scalars eval/<metric>
 """
 
+import st_moe_jax  # pylint: disable=g-bad-import-order  (first: TensorFlow's start-up lines are dropped)
+st_moe_jax.import_tensorflow_quietly()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import json
 import os

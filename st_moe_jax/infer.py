@@ -16,6 +16,10 @@ official submission files are written beside the predictions: INFER_OUTPUT_DIR/B
 (tasks.superglue.write_submission; run on the 'test' split, INFER_SPLIT = 'test').
 """
 
+import st_moe_jax  # pylint: disable=g-bad-import-order  (first: TensorFlow's start-up lines are dropped)
+st_moe_jax.import_tensorflow_quietly()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import json
 import os

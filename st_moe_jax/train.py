@@ -9,6 +9,10 @@ Flags are cli.py's (--gin_file, --gin.NAME=VALUE, ...). MODEL_DIR gets the check
 (train/, training_eval/<task>/), config.gin (the operative gin config) and model-info.txt.
 """
 
+import st_moe_jax  # pylint: disable=g-bad-import-order  (first: TensorFlow's start-up lines are dropped)
+st_moe_jax.import_tensorflow_quietly()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
 import os
 from typing import Any, Callable, Optional, Sequence

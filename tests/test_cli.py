@@ -211,3 +211,17 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
   with pytest.raises(cli.UserError, match='TRAIN_STEPS=0'):
     train.main(argv)
 
+
+def test_tensorflow_noise_dropped_real_lines_kept():
+  import st_moe_jax  # pylint: disable=g-import-not-at-top
+  text = ('WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n'
+          'I0000 00:00:1.0 1 port.cc:153] oneDNN custom operations are on. You may see ...\n'
+          'E0000 00:00:1.0 1 something.cc:1] a real error\n')
+  assert st_moe_jax.drop_tensorflow_noise(text) == 'E0000 00:00:1.0 1 something.cc:1] a real error\n'
+
+
+def test_help_has_no_tensorflow_noise():
+  result = run_cli('st_moe_jax.train', ['--help'])
+  assert result.returncode == 0 and 'usage:' in result.stdout
+  for noise in ('absl::InitializeLog', 'oneDNN', 'cuda drivers', 'cuInit'):
+    assert noise not in result.stderr, result.stderr
