@@ -240,6 +240,17 @@ def _resolve(path: str, search_paths: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Running an entry point.
 
+class _GinSearchNoise(logging.Filter):
+  """gin logs an ERROR 'Path not found: ...' for each search path a relative gin file is not under before it
+  tries the next (e.g. from another folder with --gin_search_paths); a file found nowhere still fails."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Path not found: ')
+
+
+_GIN_SEARCH_NOISE = _GinSearchNoise()
+
+
 def run_main(main: Callable[[argparse.Namespace], Any], description: str,
              argv: Optional[Sequence[str]] = None) -> None:
   """Parses flags and gin, runs `main`, and prints bad-input errors without a stack trace (exit 2);
@@ -247,6 +258,7 @@ def run_main(main: Callable[[argparse.Namespace], Any], description: str,
   from tasks import common  # pylint: disable=g-import-not-at-top
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
   logging.getLogger('absl').setLevel(logging.ERROR)
+  logging.getLogger().addFilter(_GIN_SEARCH_NOISE)
   argv = sys.argv[1:] if argv is None else list(argv)
   # Read before parsing: a bad flag can fail the parse itself.
   debug = '--debug' in argv or os.environ.get('ST_MOE_DEBUG') == '1'

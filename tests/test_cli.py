@@ -225,3 +225,31 @@ def test_help_has_no_tensorflow_noise():
   assert result.returncode == 0 and 'usage:' in result.stdout
   for noise in ('absl::InitializeLog', 'oneDNN', 'cuda drivers', 'cuInit'):
     assert noise not in result.stderr, result.stderr
+
+
+def test_gin_files_from_another_folder(tmp_path, monkeypatch, capsys, caplog):
+  """From outside the repository, --gin_search_paths=/path/to/repo finds the run and model files and their
+  includes, without gin's 'Path not found' log lines for the search paths that do not have them."""
+  from st_moe_jax import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit):
+    train.main([f'--gin_search_paths={REPO}', *pretrain_args(tmp_path / 'run', '--gin.TRAIN_STEPS=0')])
+  assert 'TRAIN_STEPS=0 must be a positive' in capsys.readouterr().err  # the gin files were all read
+  assert not [r for r in caplog.records if 'Path not found' in r.getMessage()]
+
+
+def test_pyproject_entry_points_and_package_data():
+  import importlib  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import tomllib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+    project = tomllib.load(f)
+  scripts = project['project']['scripts']
+  assert sorted(scripts) == ['st-moe-evaluate', 'st-moe-infer', 'st-moe-train']
+  for target in scripts.values():
+    module, function = target.split(':')
+    assert callable(getattr(importlib.import_module(module), function))
+  setuptools = project['tool']['setuptools']
+  assert setuptools['packages'] == ['st_moe_jax', 'tasks']
+  for pattern in setuptools['package-data']['st_moe_jax']:
+    assert glob.glob(os.path.join(REPO, 'st_moe_jax', pattern)), pattern
