@@ -371,7 +371,19 @@ def check_task_fits_model(cfg: data_lib.DatasetConfig, kind: str) -> None:
                     f'--gin.TASK_FEATURE_LENGTHS={example}.')
 
 
+def check_checkpoint_path(path: str) -> None:
+  """CHECKPOINT_PATH / INITIAL_CHECKPOINT_PATH names a checkpoint or a MODEL_DIR with one, checked before
+  anything is built."""
+  try:
+    ckpt_lib.resolve_checkpoint_dir(path)
+  except FileNotFoundError as e:
+    raise UserError(str(e)) from e
+
+
 def check_batch(batch_size: int, mesh) -> None:
+  # tf.data fails on a batch of 0 deep inside its C++ code.
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+    raise UserError(f'BATCH_SIZE={batch_size!r} must be a positive whole number, e.g. --gin.BATCH_SIZE=32.')
   try:
     partitioning.check_batch_size(batch_size, mesh)
   except ValueError as e:

@@ -69,6 +69,7 @@ def evaluate(*, model: Any = gin.REQUIRED, checkpoint_path: Optional[str] = gin.
   """
   checkpoint_path = cli.required(checkpoint_path, 'CHECKPOINT_PATH', '"\'runs/my_run\'"')
   eval_output_dir = cli.required(eval_output_dir, 'EVAL_OUTPUT_DIR', '"\'runs/my_run/eval\'"')
+  cli.check_checkpoint_path(checkpoint_path)
   tasks = tasks_with_split(dataset_cfg.mixture_or_task_name, dataset_cfg.split)
   cfgs = {t.name: dataclasses.replace(dataset_cfg, mixture_or_task_name=t.name) for t in tasks}
   evaluator, params, step, _ = restore_evaluator(model, checkpoint_path, cfgs[tasks[0].name],

@@ -55,6 +55,11 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
     The final train state; None when MODEL_DIR is already at TRAIN_STEPS (nothing is built then).
   """
   model_dir = cli.required(model_dir, 'MODEL_DIR', '"\'runs/my_run\'"')
+  # The initial checkpoint is read when MODEL_DIR has none yet (a resumed run ignores it) or to count
+  # TRAIN_STEPS_RELATIVE from.
+  if initial_checkpoint_path and (train_steps_relative is not None
+                                  or ckpt_lib.latest_checkpoint_step(model_dir) is None):
+    cli.check_checkpoint_path(initial_checkpoint_path)
   if train_steps_relative is None:
     _check_steps(train_steps, 'TRAIN_STEPS')
   else:

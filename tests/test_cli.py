@@ -253,3 +253,25 @@ def test_pyproject_entry_points_and_package_data():
   assert setuptools['packages'] == ['st_moe_jax', 'tasks']
   for pattern in setuptools['package-data']['st_moe_jax']:
     assert glob.glob(os.path.join(REPO, 'st_moe_jax', pattern)), pattern
+
+
+@pytest.mark.parametrize('name', ['evaluate', 'infer', 'train'])
+def test_missing_checkpoint_path(tmp_path, cli_error, name):
+  if name == 'train':
+    argv = pretrain_args(tmp_path / 'run', f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path}/nothing"')
+  else:
+    argv = (eval_args if name == 'evaluate' else infer_args)(f'--gin.CHECKPOINT_PATH="{tmp_path}/nothing"')
+  err = cli_error(argv, main=_main_of(name))
+  assert f'Checkpoint path {tmp_path}/nothing does not exist' in err
+
+
+def test_batch_size_zero(tmp_path, cli_error):
+  assert 'BATCH_SIZE=0 must be a positive whole number' in cli_error(pretrain_args(tmp_path, '--gin.BATCH_SIZE=0'))
+
+
+def test_encoder_decoder_task_on_decoder_only_evaluate(tmp_path, cli_error):
+  (tmp_path / 'checkpoint_1').mkdir()  # the kind is checked before the checkpoint is read
+  err = cli_error(eval_args(f'--gin.CHECKPOINT_PATH="{tmp_path}"',
+                            '--gin.MIXTURE_OR_TASK_NAME="stdlib_span_corruption"',
+                            "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}"), main=_main_of('evaluate'))
+  assert "'stdlib_span_corruption' is an encoder-decoder task" in err
