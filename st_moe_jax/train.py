@@ -55,23 +55,22 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
     The final train state; None when MODEL_DIR is already at TRAIN_STEPS (nothing is built then).
   """
   model_dir = cli.required(model_dir, 'MODEL_DIR', '"\'runs/my_run\'"')
-  # The initial checkpoint is read when MODEL_DIR has none yet (a resumed run ignores it) or to count
-  # TRAIN_STEPS_RELATIVE from.
-  if initial_checkpoint_path and (train_steps_relative is not None
-                                  or ckpt_lib.latest_checkpoint_step(model_dir) is None):
-    cli.check_checkpoint_path(initial_checkpoint_path)
   if train_steps_relative is None:
     _check_steps(train_steps, 'TRAIN_STEPS')
   else:
     _check_steps(train_steps_relative, 'TRAIN_STEPS_RELATIVE')
     start = 0
     if initial_checkpoint_path:
+      cli.check_checkpoint_path(initial_checkpoint_path)
       start = ckpt_lib.checkpoint_step(ckpt_lib.resolve_checkpoint_dir(initial_checkpoint_path))
     train_steps = start + train_steps_relative
   warmup = lory_warmup.lory_dense_warmup(model, lory_dense_warmup_fraction, train_steps)
   if warmup is not None and initial_checkpoint_path:
     raise cli.UserError('The Lory dense warm-up trains the dense model from scratch; it does not combine with '
                         'INITIAL_CHECKPOINT_PATH. Set LORY_DENSE_WARMUP_FRACTION = 0 to fine-tune.')
+  # The initial checkpoint is read when MODEL_DIR has none yet (a resumed run ignores it).
+  if initial_checkpoint_path and ckpt_lib.latest_checkpoint_step(model_dir) is None:
+    cli.check_checkpoint_path(initial_checkpoint_path)
   kind = cli.model_kind(model)
   os.makedirs(model_dir, exist_ok=True)
   mesh = cli.create_mesh(num_expert_partitions, num_model_partitions, model, devices)
