@@ -75,6 +75,8 @@ def main():
        f'--gin.EVAL_STEPS={args.eval_steps}'])
 
   import json  # pylint: disable=g-import-not-at-top
+  import st_moe_jax  # pylint: disable=g-import-not-at-top
+  st_moe_jax.import_tensorflow_quietly()  # tasks import TensorFlow (through seqio): no start-up lines
   from tasks import pretraining  # pylint: disable=g-import-not-at-top
   with open(os.path.join(eval_dir, f'{task}-metrics.jsonl')) as f:
     results = json.loads(f.readlines()[-1])

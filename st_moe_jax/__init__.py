@@ -1,0 +1,60 @@
+"""ST-MoE in JAX/Flax (t5x style).
+
+Importing the package sets TF_CPP_MIN_LOG_LEVEL=3 (unless set) before anything imports TensorFlow, so TF's
+C++ INFO/WARNING lines stay off the console; entry points also call `import_tensorflow_quietly` first.
+"""
+
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+# Lines TensorFlow's C++ code writes to stderr while it is imported, before its logging is initialised
+# (so TF_CPP_MIN_LOG_LEVEL does not apply to them): start-up notices, not problems.
+_TF_IMPORT_NOISE = (
+    'All log messages before absl::InitializeLog() is called',
+    'oneDNN custom operations are on',
+    'Could not find cuda drivers',
+    'cuInit',
+    'Unable to register cuFFT factory',
+    'Unable to register cuDNN factory',
+    'Unable to register cuBLAS factory',
+    'computation placer already registered',
+    'TF-TRT Warning: Could not find TensorRT',
+    'This TensorFlow binary is optimized to use available CPU instructions',
+    'To enable the following instructions',
+)
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow (and hides its GPUs from it, as data.py does) with its start-up notices dropped.
+
+  stderr (the file descriptor, where the C++ code writes) goes to a temporary file meanwhile; every other
+  line is written back afterwards, so real warnings and errors still show.
+  """
+  if 'tensorflow' in sys.modules:
+    return
+  import tempfile  # pylint: disable=g-import-not-at-top
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      # Listing GPUs initialises CUDA (the cuInit lines); TF must not take accelerator memory from JAX.
+      tf.config.set_visible_devices([], 'GPU')
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      kept = drop_tensorflow_noise(captured.read().decode('utf-8', 'replace'))
+      if kept:
+        sys.stderr.write(kept)
+        sys.stderr.flush()
+
+
+def drop_tensorflow_noise(text: str) -> str:
+  """`text` without TensorFlow's start-up notice lines."""
+  lines = text.splitlines(keepends=True)
+  return ''.join(line for line in lines if not any(noise in line for noise in _TF_IMPORT_NOISE))

@@ -4,15 +4,18 @@ mesh, the model's kind, and turning bad input into a clear message (exit status 
 Flags: --gin_file (repeatable; later files override earlier ones), --gin_bindings (repeatable),
 --gin.NAME=VALUE (rewritten to --gin_bindings=NAME=VALUE), --gin_search_paths (comma-separated, default
 '.'), --tfds_data_dir, and for multi-host --coordinator_address --process_count --process_index (or the
-environment variables JAX_COORDINATOR_ADDRESS / JAX_PROCESS_COUNT / JAX_PROCESS_INDEX).
+environment variables JAX_COORDINATOR_ADDRESS / JAX_PROCESS_COUNT / JAX_PROCESS_INDEX). --debug (or
+ST_MOE_DEBUG=1) shows the stack trace of a bad-input error instead of the one-line message.
 """
 
 import argparse
+import ast
 import difflib
 import logging
 import os
+import re
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import gin
 
@@ -55,6 +58,8 @@ def parse_flags(argv: Sequence[str], description: str) -> argparse.Namespace:
   parser.add_argument('--process_index', type=int, default=_env_int('JAX_PROCESS_INDEX'))
   parser.add_argument('--multiprocess_gpu', action='store_true', help='accepted for t5x compatibility')
   parser.add_argument('--alsologtostderr', action='store_true', help='accepted for t5x compatibility')
+  parser.add_argument('--debug', action='store_true',
+                      help='show the stack trace of bad-input errors (also ST_MOE_DEBUG=1)')
   return parser.parse_args(rewrite_gin_args(argv))
 
 
@@ -118,7 +123,9 @@ def _defined_macros_from_files() -> set[str]:
 
 
 def parse_gin(flags: argparse.Namespace) -> None:
-  """Parses --gin_file files then --gin_bindings; gin's own message (with the file and line) on error."""
+  """Parses --gin_file files then --gin_bindings; gin's own message (with the file and line) on error.
+  Then checks what gin would only find later, with a stack trace: no model file, misspelt or unset
+  REQUIRED macros."""
   gin.clear_config()
   for path in flags.gin_search_paths.split(','):
     if path:
@@ -129,12 +136,94 @@ def parse_gin(flags: argparse.Namespace) -> None:
                     '(gin/models/st_moe_tiny.gin, ...).')
   try:
     gin.parse_config_files_and_bindings(files, [], finalize_config=False)
-    _FILE_MACROS.clear()
-    _FILE_MACROS.update(_defined_macros())
+  except (ValueError, IOError, SyntaxError, ImportError) as e:
+    raise UserError(f'gin could not parse the configuration: {e}') from e
+  _FILE_MACROS.clear()
+  _FILE_MACROS.update(_defined_macros())
+  try:
     gin.parse_config_files_and_bindings([], flags.gin_bindings, finalize_config=False)
   except (ValueError, IOError, SyntaxError, ImportError) as e:
-    raise UserError(f'gin could not parse the configuration: {e}') from None
+    check_string_quotes(flags.gin_bindings)
+    raise UserError(f'gin could not parse the configuration: {e}') from e
+  check_model_file()
   check_macro_names(flags.gin_bindings)
+  check_required_macros()
+
+
+def check_string_quotes(bindings: Sequence[str]) -> None:
+  """A binding whose value is a bare word or path (--gin.MODEL_DIR=runs/x) lost its quotes to the shell."""
+  for binding in bindings:
+    name, _, value = binding.partition('=')
+    value = value.strip()
+    if not value or value[0] in '\'"[{(%@-+.' or value[0].isdigit() or value in ('True', 'False', 'None'):
+      continue
+    try:
+      ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      name = name.strip()
+      raise UserError(f'--gin.{name}={value}: a string value needs inner quotes (the shell removes the '
+                      f'outer ones): --gin.{name}="\'{value}\'".') from None
+
+
+# Macros every gin/models/ file defines (moe_architecture.gin) and the run files use.
+MODEL_MACROS = ('ARCHITECTURE', 'NUM_EXPERTS')
+
+
+def check_model_file() -> None:
+  missing = [m for m in MODEL_MACROS if m in _referenced_macros() and m not in _FILE_MACROS]
+  if missing:
+    raise UserError('no model gin file: add --gin_file=gin/models/st_moe_tiny.gin (or another file in '
+                    f'gin/models/); no gin file defines {", ".join(missing)}.')
+
+
+# Example values for the REQUIRED macros of gin/runs/*.gin (encoder-decoder; decoder-only below).
+REQUIRED_EXAMPLES = {
+    'MODEL_DIR': '"\'runs/my_run\'"',
+    'MIXTURE_OR_TASK_NAME': '"\'stdlib_span_corruption\'"',
+    'TASK_FEATURE_LENGTHS': '"{\'inputs\': 256, \'targets\': 64}"',
+    'TRAIN_STEPS': '1000',
+    'CHECKPOINT_PATH': '"\'runs/my_run\'"',
+    'EVAL_OUTPUT_DIR': '"\'runs/my_run/eval\'"',
+    'INFER_OUTPUT_DIR': '"\'runs/my_run/infer\'"',
+    'INITIAL_CHECKPOINT_PATH': '"\'runs/pretrained/checkpoint_100000\'"',
+}
+DECODER_ONLY_EXAMPLES = {
+    'MIXTURE_OR_TASK_NAME': '"\'stdlib_lm\'"',
+    'TASK_FEATURE_LENGTHS': '"{\'targets\': 256}"',
+}
+
+
+def _is_required(value: Any) -> bool:
+  return (isinstance(value, gin.config.ConfigurableReference) and value.selector == 'gin.constant'
+          and value.scoped_selector.startswith('gin.REQUIRED'))
+
+
+def _macro_binding(name: str) -> Any:
+  return gin.config._CONFIG.get((name, 'gin.macro'), {}).get('value')  # pylint: disable=protected-access
+
+
+def _architecture_is_decoder_only() -> bool:
+  value = _macro_binding('ARCHITECTURE')
+  return isinstance(value, gin.config.ConfigurableReference) and value.selector.endswith('DecoderOnly')
+
+
+def check_required_macros() -> None:
+  """Every macro still `%gin.REQUIRED` that a binding uses: one line naming each, with an example."""
+  used = _referenced_macros()
+  unset = [name for (name, selector), bindings in gin.config._CONFIG.items()  # pylint: disable=protected-access
+           if selector == 'gin.macro' and name in used and _is_required(bindings.get('value'))]
+  # TRAIN_STEPS_RELATIVE (finetune.gin) counts the steps from the checkpoint instead.
+  if 'TRAIN_STEPS' in unset and _macro_binding('TRAIN_STEPS_RELATIVE') is not None:
+    unset.remove('TRAIN_STEPS')
+  if not unset:
+    return
+  examples = dict(REQUIRED_EXAMPLES)
+  if _architecture_is_decoder_only():
+    examples.update(DECODER_ONLY_EXAMPLES)
+  passes = ' '.join(f'--gin.{name}={examples.get(name, "VALUE")}' for name in unset)
+  names = unset[0] if len(unset) == 1 else f'{", ".join(unset[:-1])} and {unset[-1]}'
+  verb = 'is' if len(unset) == 1 else 'are'
+  raise UserError(f'{names} {verb} required (REQUIRED in the run gin file): pass {passes}')
 
 
 def _resolve(path: str, search_paths: str) -> str:
@@ -151,14 +240,30 @@ def _resolve(path: str, search_paths: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Running an entry point.
 
+class _GinSearchNoise(logging.Filter):
+  """gin logs an ERROR 'Path not found: ...' for each search path a relative gin file is not under before it
+  tries the next (e.g. from another folder with --gin_search_paths); a file found nowhere still fails."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Path not found: ')
+
+
+_GIN_SEARCH_NOISE = _GinSearchNoise()
+
+
 def run_main(main: Callable[[argparse.Namespace], Any], description: str,
              argv: Optional[Sequence[str]] = None) -> None:
-  """Parses flags and gin, runs `main`, and prints bad-input errors without a stack trace (exit 2)."""
+  """Parses flags and gin, runs `main`, and prints bad-input errors without a stack trace (exit 2);
+  --debug or ST_MOE_DEBUG=1 re-raises them instead, to show the trace."""
   from tasks import common  # pylint: disable=g-import-not-at-top
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
   logging.getLogger('absl').setLevel(logging.ERROR)
+  logging.getLogger().addFilter(_GIN_SEARCH_NOISE)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  # Read before parsing: a bad flag can fail the parse itself.
+  debug = '--debug' in argv or os.environ.get('ST_MOE_DEBUG') == '1'
   try:
-    flags = parse_flags(sys.argv[1:] if argv is None else argv, description)
+    flags = parse_flags(argv, description)
     if flags.tfds_data_dir:
       os.environ['TFDS_DATA_DIR'] = flags.tfds_data_dir
     init_distributed(flags)
@@ -166,6 +271,8 @@ def run_main(main: Callable[[argparse.Namespace], Any], description: str,
     main(flags)
   except (UserError, common.TaskInputError, ckpt_lib.CheckpointShapeError,
           trainer_lib.TrainingDivergedError) as e:
+    if debug:
+      raise
     # gin appends "In call to configurable ..." lines; the message itself says what to change.
     message = '\n'.join(line for line in str(e).splitlines()
                         if not line.strip().startswith('In call to configurable'))
@@ -174,15 +281,22 @@ def run_main(main: Callable[[argparse.Namespace], Any], description: str,
 
 
 def call_configurable(fn: Callable[[], Any], name: str) -> Any:
-  """Calls a gin configurable, turning missing REQUIRED macros and bad parameters into UserError."""
+  """Calls a gin configurable, turning missing REQUIRED macros, undefined macros and bad parameters into
+  UserError."""
   try:
     return fn()
   except (ValueError, TypeError) as e:
     message = str(e)
+    # A %MACRO no gin file defines: gin calls macro() without a value, "... in scope 'NAME'".
+    undefined = re.search(r"configurable 'macro' .* in scope '([^']+)'", message)
+    if undefined:
+      macro = undefined.group(1)
+      raise UserError(f'{macro} is not set: a gin file uses %{macro} but none defines it; pass '
+                      f'--gin.{macro}=VALUE or add the gin file that defines it.') from e
     if 'Required bindings' in message or 'gin.REQUIRED' in message or 'REQUIRED' in message:
       raise UserError(f'{name}: a required macro is not set ({_first_line(message)}). Set it with '
                       f'--gin.MACRO=value; the REQUIRED macros are listed at the top of the run gin file '
-                      f'(e.g. --gin.MODEL_DIR="\'runs/demo\'").') from None
+                      f'(e.g. --gin.MODEL_DIR="\'runs/demo\'").') from e
     raise
 
 
@@ -209,7 +323,7 @@ def create_mesh(num_expert_partitions: int, num_model_partitions: int, model: An
     for num_experts in sorted({moe.num_experts for moe in moe_configs(model)}):
       partitioning.check_num_experts(num_experts, num_expert_partitions, mesh)
   except ValueError as e:
-    raise UserError(str(e)) from None
+    raise UserError(str(e)) from e
   return mesh
 
 
@@ -229,8 +343,48 @@ def model_kind(model: Any) -> str:
                   f'{type(model).__name__}.')
 
 
+def check_task_fits_model(cfg: data_lib.DatasetConfig, kind: str) -> None:
+  """The task's features against the model's kind and TASK_FEATURE_LENGTHS' keys, before seqio's feature
+  converter fails on them with a stack trace. Decoder-only tasks (`_lm`) have only 'targets'; encoder-
+  decoder tasks have 'inputs' and 'targets' (tasks.common.output_features)."""
+  from tasks import common  # pylint: disable=g-import-not-at-top
+  name = cfg.mixture_or_task_name
+  features = common.get_task_or_mixture(name).output_features
+  if kind == data_lib.ENCODER_DECODER and 'inputs' not in features:
+    raise UserError(f"{name!r} is a decoder-only task (only 'targets') but the model is an encoder-decoder: "
+                    'add --gin_file=gin/runs/decoder_only.gin after the model file, or use an '
+                    "encoder-decoder task (e.g. 'stdlib_span_corruption').")
+  if kind == data_lib.DECODER_ONLY and 'inputs' in features:
+    raise UserError(f"{name!r} is an encoder-decoder task ('inputs' and 'targets') but the model is "
+                    'decoder-only (gin/runs/decoder_only.gin): leave out gin/runs/decoder_only.gin, or use a '
+                    "decoder-only task (e.g. 'stdlib_lm').")
+  if kind == data_lib.ENCODER_DECODER:
+    needed, rule = ('inputs', 'targets'), "encoder-decoder tasks need 'inputs' and 'targets'"
+    example = '"{\'inputs\': 256, \'targets\': 64}"'
+  else:
+    needed, rule = ('targets',), "decoder-only tasks have only 'targets'"
+    example = '"{\'targets\': 256}"'
+  lengths = cfg.task_feature_lengths
+  if (not isinstance(lengths, Mapping) or any(k not in lengths for k in needed)
+      or any(k not in needed for k in lengths)):
+    raise UserError(f'TASK_FEATURE_LENGTHS={lengths!r} does not fit {name!r}: {rule}, e.g. '
+                    f'--gin.TASK_FEATURE_LENGTHS={example}.')
+
+
+def check_checkpoint_path(path: str) -> None:
+  """CHECKPOINT_PATH / INITIAL_CHECKPOINT_PATH names a checkpoint or a MODEL_DIR with one, checked before
+  anything is built."""
+  try:
+    ckpt_lib.resolve_checkpoint_dir(path)
+  except FileNotFoundError as e:
+    raise UserError(str(e)) from e
+
+
 def check_batch(batch_size: int, mesh) -> None:
+  # tf.data fails on a batch of 0 deep inside its C++ code.
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+    raise UserError(f'BATCH_SIZE={batch_size!r} must be a positive whole number, e.g. --gin.BATCH_SIZE=32.')
   try:
     partitioning.check_batch_size(batch_size, mesh)
   except ValueError as e:
-    raise UserError(str(e)) from None
+    raise UserError(str(e)) from e

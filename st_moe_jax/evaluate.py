@@ -19,6 +19,10 @@ skipped). t5x's layout:
   EVAL_OUTPUT_DIR/inference_eval/<task>/                TensorBoard scalars eval/<metric>
 """
 
+import st_moe_jax  # pylint: disable=g-bad-import-order  (first: TensorFlow's start-up lines are dropped)
+st_moe_jax.import_tensorflow_quietly()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import json
 import os
@@ -43,6 +47,7 @@ def restore_evaluator(model: Any, checkpoint_path: str, dataset_cfg: data_lib.Da
   mesh = cli.create_mesh(num_expert_partitions, num_model_partitions, model)
   cli.check_batch(dataset_cfg.batch_size, mesh)
   kind = cli.model_kind(model)
+  cli.check_task_fits_model(dataset_cfg, kind)
   ds = data_lib.get_dataset(dataset_cfg, kind, num_processes=jax.process_count(),
                             shard=data_lib.shard_info())
   first = next(data_lib.DataIterator(ds))
@@ -64,6 +69,7 @@ def evaluate(*, model: Any = gin.REQUIRED, checkpoint_path: Optional[str] = gin.
   """
   checkpoint_path = cli.required(checkpoint_path, 'CHECKPOINT_PATH', '"\'runs/my_run\'"')
   eval_output_dir = cli.required(eval_output_dir, 'EVAL_OUTPUT_DIR', '"\'runs/my_run/eval\'"')
+  cli.check_checkpoint_path(checkpoint_path)
   tasks = tasks_with_split(dataset_cfg.mixture_or_task_name, dataset_cfg.split)
   cfgs = {t.name: dataclasses.replace(dataset_cfg, mixture_or_task_name=t.name) for t in tasks}
   evaluator, params, step, _ = restore_evaluator(model, checkpoint_path, cfgs[tasks[0].name],

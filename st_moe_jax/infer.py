@@ -16,6 +16,10 @@ official submission files are written beside the predictions: INFER_OUTPUT_DIR/B
 (tasks.superglue.write_submission; run on the 'test' split, INFER_SPLIT = 'test').
 """
 
+import st_moe_jax  # pylint: disable=g-bad-import-order  (first: TensorFlow's start-up lines are dropped)
+st_moe_jax.import_tensorflow_quietly()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import json
 import os
@@ -44,6 +48,7 @@ def infer(*, model: Any = gin.REQUIRED, checkpoint_path: Optional[str] = gin.REQ
   """Decodes dataset_cfg's split (max_batches batches, None: all); returns the paths written."""
   checkpoint_path = cli.required(checkpoint_path, 'CHECKPOINT_PATH', '"\'runs/my_run\'"')
   infer_output_dir = cli.required(infer_output_dir, 'INFER_OUTPUT_DIR', '"\'runs/my_run/infer\'"')
+  cli.check_checkpoint_path(checkpoint_path)
   tasks = evaluate_lib.tasks_with_split(dataset_cfg.mixture_or_task_name, dataset_cfg.split)
   cfgs = [dataclasses.replace(dataset_cfg, mixture_or_task_name=t.name) for t in tasks]
   evaluator, params, _, _ = evaluate_lib.restore_evaluator(model, checkpoint_path, cfgs[0],

@@ -9,6 +9,10 @@ Flags are cli.py's (--gin_file, --gin.NAME=VALUE, ...). MODEL_DIR gets the check
 (train/, training_eval/<task>/), config.gin (the operative gin config) and model-info.txt.
 """
 
+import st_moe_jax  # pylint: disable=g-bad-import-order  (first: TensorFlow's start-up lines are dropped)
+st_moe_jax.import_tensorflow_quietly()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
 import os
 from typing import Any, Callable, Optional, Sequence
@@ -51,15 +55,22 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
     The final train state; None when MODEL_DIR is already at TRAIN_STEPS (nothing is built then).
   """
   model_dir = cli.required(model_dir, 'MODEL_DIR', '"\'runs/my_run\'"')
-  if train_steps_relative is not None:
+  if train_steps_relative is None:
+    _check_steps(train_steps, 'TRAIN_STEPS')
+  else:
+    _check_steps(train_steps_relative, 'TRAIN_STEPS_RELATIVE')
     start = 0
     if initial_checkpoint_path:
+      cli.check_checkpoint_path(initial_checkpoint_path)
       start = ckpt_lib.checkpoint_step(ckpt_lib.resolve_checkpoint_dir(initial_checkpoint_path))
     train_steps = start + train_steps_relative
   warmup = lory_warmup.lory_dense_warmup(model, lory_dense_warmup_fraction, train_steps)
   if warmup is not None and initial_checkpoint_path:
     raise cli.UserError('The Lory dense warm-up trains the dense model from scratch; it does not combine with '
                         'INITIAL_CHECKPOINT_PATH. Set LORY_DENSE_WARMUP_FRACTION = 0 to fine-tune.')
+  # The initial checkpoint is read when MODEL_DIR has none yet (a resumed run ignores it).
+  if initial_checkpoint_path and ckpt_lib.latest_checkpoint_step(model_dir) is None:
+    cli.check_checkpoint_path(initial_checkpoint_path)
   kind = cli.model_kind(model)
   os.makedirs(model_dir, exist_ok=True)
   mesh = cli.create_mesh(num_expert_partitions, num_model_partitions, model, devices)
@@ -70,6 +81,9 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
     print(f'{model_dir} is already at step {done} >= TRAIN_STEPS={train_steps}.', flush=True)
     return None
   import jax  # pylint: disable=g-import-not-at-top
+  cli.check_task_fits_model(train_dataset_cfg, kind)
+  if train_eval_dataset_cfg is not None and eval_period:
+    cli.check_task_fits_model(train_eval_dataset_cfg, kind)
   shard = data_lib.shard_info()
   train_data = data_lib.DataIterator(
       data_lib.get_dataset(train_dataset_cfg, kind, num_processes=jax.process_count(), shard=shard))
@@ -97,6 +111,13 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
         seed=random_seed or 0, eval_data=eval_data, eval_name=eval_name)
   write_model_info(model_dir, trainer)
   return state
+
+
+def _check_steps(steps: Any, macro: str) -> None:
+  # 0 or fewer steps would train nothing and exit 0 as if it had worked.
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+    raise cli.UserError(f'{macro}={steps!r} must be a positive whole number of steps, e.g. '
+                        f'--gin.{macro}=1000.')
 
 
 def write_config(model_dir: str, text: str) -> None:

@@ -100,3 +100,178 @@ def test_tiny_train_then_evaluate_then_other_shape(tmp_path):
   assert result.returncode == 2 and 'Traceback' not in result.stderr
   assert 'another shape' in result.stderr or 'does not fit' in result.stderr
   assert 'checkpoint (4,' in result.stderr  # e.g. expert kernels: checkpoint (4, 32, 32) vs model (2, ...)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Clear one-line errors for the usual mistakes (issue 13).
+
+def _without(argv, *prefixes):
+  return [a for a in argv if not a.startswith(prefixes)]
+
+
+def eval_args(*extra):
+  return ['--gin_file=gin/runs/eval.gin', *LM, '--gin.CHECKPOINT_PATH="/nonexistent/run"',
+          '--gin.EVAL_OUTPUT_DIR="/nonexistent/run/eval"', *extra]
+
+
+def infer_args(*extra):
+  return ['--gin_file=gin/runs/infer.gin', *LM, '--gin.CHECKPOINT_PATH="/nonexistent/run"',
+          '--gin.INFER_OUTPUT_DIR="/nonexistent/run/infer"', *extra]
+
+
+def _main_of(name):
+  from st_moe_jax import evaluate, infer, train  # pylint: disable=g-import-not-at-top
+  return {'train': train.main, 'evaluate': evaluate.main, 'infer': infer.main}[name]
+
+
+@pytest.mark.parametrize('macro, example', [
+    ('MIXTURE_OR_TASK_NAME', '--gin.MIXTURE_OR_TASK_NAME="\'stdlib_lm\'"'),
+    ('TASK_FEATURE_LENGTHS', '--gin.TASK_FEATURE_LENGTHS="{\'targets\': 256}"'),
+    ('TRAIN_STEPS', '--gin.TRAIN_STEPS=1000'),
+    ('MODEL_DIR', '--gin.MODEL_DIR="\'runs/my_run\'"')])
+def test_unset_required_macro_train(tmp_path, cli_error, macro, example):
+  err = cli_error(_without(pretrain_args(tmp_path), f'--gin.{macro}='))
+  assert err.startswith(f'ERROR: {macro} is required') and example in err
+
+
+@pytest.mark.parametrize('name, args, macros', [
+    ('evaluate', eval_args, ['MIXTURE_OR_TASK_NAME', 'CHECKPOINT_PATH', 'EVAL_OUTPUT_DIR',
+                             'TASK_FEATURE_LENGTHS']),
+    ('infer', infer_args, ['MIXTURE_OR_TASK_NAME', 'TASK_FEATURE_LENGTHS', 'CHECKPOINT_PATH',
+                           'INFER_OUTPUT_DIR'])])
+def test_unset_required_macros_evaluate_infer(cli_error, name, args, macros):
+  # Every REQUIRED macro of the run file unset: one line names them all, each with an example.
+  err = cli_error(_without(args(), *[f'--gin.{m}=' for m in macros]), main=_main_of(name))
+  assert len(err.strip().splitlines()) == 1
+  for macro in macros:
+    assert f'--gin.{macro}=' in err
+
+
+def test_train_steps_relative_stands_in_for_train_steps(tmp_path, cli_error):
+  # finetune.gin: TRAIN_STEPS may stay REQUIRED when TRAIN_STEPS_RELATIVE is set; 0 relative steps is an
+  # error of its own.
+  argv = _without(pretrain_args(tmp_path), '--gin.TRAIN_STEPS=') + ['--gin.TRAIN_STEPS_RELATIVE=0']
+  assert 'TRAIN_STEPS_RELATIVE=0 must be a positive' in cli_error(argv)
+
+
+@pytest.mark.parametrize('name, args', [('train', None), ('evaluate', eval_args), ('infer', infer_args)])
+def test_no_model_gin_file(tmp_path, cli_error, name, args):
+  argv = pretrain_args(tmp_path) if args is None else args()
+  err = cli_error(_without(argv, '--gin_file=gin/models/'), main=_main_of(name))
+  assert err.startswith('ERROR: no model gin file: add --gin_file=gin/models/st_moe_tiny.gin')
+
+
+@pytest.mark.parametrize('steps', ['0', '-5'])
+def test_train_steps_not_positive(tmp_path, cli_error, steps):
+  err = cli_error(pretrain_args(tmp_path, f'--gin.TRAIN_STEPS={steps}'))
+  assert f'TRAIN_STEPS={steps} must be a positive whole number of steps' in err
+  assert not os.listdir(tmp_path)  # stopped before anything was written
+
+
+def test_unquoted_string_macro(tmp_path, cli_error):
+  err = cli_error(pretrain_args(tmp_path, '--gin.MODEL_DIR=runs/x'))
+  assert '--gin.MODEL_DIR="\'runs/x\'"' in err and 'inner quotes' in err
+
+
+def test_undefined_macro(tmp_path, cli_error):
+  err = cli_error(pretrain_args(tmp_path, '--gin.NUM_EXPERT_PARTITIONS=%NO_SUCH_MACRO'))
+  assert 'NO_SUCH_MACRO is not set' in err
+
+
+def test_decoder_only_task_on_encoder_decoder(tmp_path, cli_error):
+  err = cli_error(_without(pretrain_args(tmp_path), '--gin_file=gin/runs/decoder_only.gin'))
+  assert "'stdlib_lm' is a decoder-only task" in err and '--gin_file=gin/runs/decoder_only.gin' in err
+
+
+def test_encoder_decoder_task_on_decoder_only(tmp_path, cli_error):
+  err = cli_error(pretrain_args(tmp_path, '--gin.MIXTURE_OR_TASK_NAME="stdlib_span_corruption"',
+                                "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}"))
+  assert "'stdlib_span_corruption' is an encoder-decoder task" in err and 'decoder_only.gin' in err
+
+
+@pytest.mark.parametrize('decoder_only, lengths, rule', [
+    (True, "{'target': 32}", "decoder-only tasks have only 'targets'"),
+    (False, "{'targets': 32}", "encoder-decoder tasks need 'inputs' and 'targets'")])
+def test_wrong_task_feature_length_keys(tmp_path, cli_error, decoder_only, lengths, rule):
+  argv = pretrain_args(tmp_path, f'--gin.TASK_FEATURE_LENGTHS={lengths}')
+  if not decoder_only:
+    argv = _without(argv, '--gin_file=gin/runs/decoder_only.gin') + [
+        '--gin.MIXTURE_OR_TASK_NAME="stdlib_span_corruption"']
+  err = cli_error(argv)
+  assert f'TASK_FEATURE_LENGTHS={lengths} does not fit' in err and rule in err
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+  from st_moe_jax import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(REPO)
+  argv = pretrain_args(tmp_path, '--gin.TRAIN_STEPS=0')
+  with pytest.raises(cli.UserError, match='TRAIN_STEPS=0'):
+    train.main(argv + ['--debug'])
+  monkeypatch.setenv('ST_MOE_DEBUG', '1')
+  with pytest.raises(cli.UserError, match='TRAIN_STEPS=0'):
+    train.main(argv)
+
+
+def test_tensorflow_noise_dropped_real_lines_kept():
+  import st_moe_jax  # pylint: disable=g-import-not-at-top
+  text = ('WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n'
+          'I0000 00:00:1.0 1 port.cc:153] oneDNN custom operations are on. You may see ...\n'
+          'E0000 00:00:1.0 1 something.cc:1] a real error\n')
+  assert st_moe_jax.drop_tensorflow_noise(text) == 'E0000 00:00:1.0 1 something.cc:1] a real error\n'
+
+
+def test_help_has_no_tensorflow_noise():
+  result = run_cli('st_moe_jax.train', ['--help'])
+  assert result.returncode == 0 and 'usage:' in result.stdout
+  for noise in ('absl::InitializeLog', 'oneDNN', 'cuda drivers', 'cuInit'):
+    assert noise not in result.stderr, result.stderr
+
+
+def test_gin_files_from_another_folder(tmp_path, monkeypatch, capsys, caplog):
+  """From outside the repository, --gin_search_paths=/path/to/repo finds the run and model files and their
+  includes, without gin's 'Path not found' log lines for the search paths that do not have them."""
+  from st_moe_jax import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit):
+    train.main([f'--gin_search_paths={REPO}', *pretrain_args(tmp_path / 'run', '--gin.TRAIN_STEPS=0')])
+  assert 'TRAIN_STEPS=0 must be a positive' in capsys.readouterr().err  # the gin files were all read
+  assert not [r for r in caplog.records if 'Path not found' in r.getMessage()]
+
+
+def test_pyproject_entry_points_and_package_data():
+  import importlib  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import tomllib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+    project = tomllib.load(f)
+  scripts = project['project']['scripts']
+  assert sorted(scripts) == ['st-moe-evaluate', 'st-moe-infer', 'st-moe-train']
+  for target in scripts.values():
+    module, function = target.split(':')
+    assert callable(getattr(importlib.import_module(module), function))
+  setuptools = project['tool']['setuptools']
+  assert setuptools['packages'] == ['st_moe_jax', 'tasks']
+  for pattern in setuptools['package-data']['st_moe_jax']:
+    assert glob.glob(os.path.join(REPO, 'st_moe_jax', pattern)), pattern
+
+
+@pytest.mark.parametrize('name', ['evaluate', 'infer', 'train'])
+def test_missing_checkpoint_path(tmp_path, cli_error, name):
+  if name == 'train':
+    argv = pretrain_args(tmp_path / 'run', f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path}/nothing"')
+  else:
+    argv = (eval_args if name == 'evaluate' else infer_args)(f'--gin.CHECKPOINT_PATH="{tmp_path}/nothing"')
+  err = cli_error(argv, main=_main_of(name))
+  assert f'Checkpoint path {tmp_path}/nothing does not exist' in err
+
+
+def test_batch_size_zero(tmp_path, cli_error):
+  assert 'BATCH_SIZE=0 must be a positive whole number' in cli_error(pretrain_args(tmp_path, '--gin.BATCH_SIZE=0'))
+
+
+def test_encoder_decoder_task_on_decoder_only_evaluate(tmp_path, cli_error):
+  (tmp_path / 'checkpoint_1').mkdir()  # the kind is checked before the checkpoint is read
+  err = cli_error(eval_args(f'--gin.CHECKPOINT_PATH="{tmp_path}"',
+                            '--gin.MIXTURE_OR_TASK_NAME="stdlib_span_corruption"',
+                            "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}"), main=_main_of('evaluate'))
+  assert "'stdlib_span_corruption' is an encoder-decoder task" in err
