@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import gin
 
 from st_moe_jax import checkpoint_manager as ckpt_lib
+from st_moe_jax import config as config_lib
 from st_moe_jax import data as data_lib
 from st_moe_jax import gin_setup  # pylint: disable=unused-import  (the registrations gin files name)
 from st_moe_jax import models
@@ -269,7 +270,7 @@ def run_main(main: Callable[[argparse.Namespace], Any], description: str,
     init_distributed(flags)
     parse_gin(flags)
     main(flags)
-  except (UserError, common.TaskInputError, ckpt_lib.CheckpointShapeError,
+  except (UserError, common.TaskInputError, ckpt_lib.CheckpointShapeError, ckpt_lib.CheckpointCorruptError,
           trainer_lib.TrainingDivergedError) as e:
     if debug:
       raise
@@ -285,6 +286,8 @@ def call_configurable(fn: Callable[[], Any], name: str) -> Any:
   UserError."""
   try:
     return fn()
+  except config_lib.ConfigError as e:  # a model setting from gin: its message names the field and the fix
+    raise UserError(_first_line(str(e))) from e
   except (ValueError, TypeError) as e:
     message = str(e)
     # A %MACRO no gin file defines: gin calls macro() without a value, "... in scope 'NAME'".

@@ -15,6 +15,10 @@ from st_moe_jax.dispatch import DISPATCH_METHODS, GROUPED_MATMUL_METHODS
 from st_moe_jax.layers import ACTIVATIONS
 from st_moe_jax.routers import RECURRENT_CELLS, RECURRENT_STATE_MODES
 
+class ConfigError(ValueError):
+  """A model setting that cannot work, raised when the config (or the model built from it) is made."""
+
+
 LAYOUTS = ('BOTTOM', 'MIDDLE', 'MIXED', 'TOP')
 ROUTING_METHODS = ('tokens_choose', 'experts_choose', 'sparsemixer')
 ROUTERS = ('linear', 'recurrent')
@@ -40,15 +44,15 @@ MACROS = {'sparse_layout': 'ENCODER_SPARSE_LAYOUT / DECODER_SPARSE_LAYOUT', 'moe
 def _check_choice(owner: str, name: str, value: Any, allowed: tuple) -> None:
   if value not in allowed:
     macro = f' (gin: {MACROS[name]})' if name in MACROS else ''
-    raise ValueError(f'{owner}.{name} must be one of {allowed}, got {value!r}{macro}.')
+    raise ConfigError(f'{owner}.{name} must be one of {allowed}, got {value!r}{macro}.')
 
 
 def _check_activations(owner: str, name: str, activations: tuple[str, ...]) -> None:
   if not activations:
-    raise ValueError(f'{owner}.{name} must name at least one activation, e.g. ("gelu", "linear").')
+    raise ConfigError(f'{owner}.{name} must name at least one activation, e.g. ("gelu", "linear").')
   for act in activations:
     if act not in ACTIVATIONS:
-      raise ValueError(f'{owner}.{name}: unknown activation {act!r}; choose from {sorted(ACTIVATIONS)}.')
+      raise ConfigError(f'{owner}.{name}: unknown activation {act!r}; choose from {sorted(ACTIVATIONS)}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +93,12 @@ class TransformerConfig:
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
     for name in ('vocab_size', 'embed_dim', 'num_heads', 'head_dim', 'mlp_dim'):
       if getattr(self, name) < 1:
-        raise ValueError(f'TransformerConfig.{name} must be >= 1, got {getattr(self, name)}.')
+        raise ConfigError(f'TransformerConfig.{name} must be >= 1, got {getattr(self, name)}.')
     for name in ('num_encoder_layers', 'num_decoder_layers'):
       if getattr(self, name) < 0:
-        raise ValueError(f'TransformerConfig.{name} must be >= 0, got {getattr(self, name)}.')
+        raise ConfigError(f'TransformerConfig.{name} must be >= 0, got {getattr(self, name)}.')
     if not 0 <= self.dropout_rate < 1:
-      raise ValueError(f'TransformerConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}.')
+      raise ConfigError(f'TransformerConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}.')
     _check_activations('TransformerConfig', 'activations', self.activations)
 
 
@@ -210,33 +214,33 @@ class MoeConfig:
                      if getattr(self, name) is not None]
     for name in at_least_one:
       if getattr(self, name) < 1:
-        raise ValueError(f'MoeConfig.{name} must be >= 1, got {getattr(self, name)}.')
+        raise ConfigError(f'MoeConfig.{name} must be >= 1, got {getattr(self, name)}.')
     if self.num_sparse_layers < 0:
-      raise ValueError(f'MoeConfig.num_sparse_layers must be >= 0, got {self.num_sparse_layers}.')
+      raise ConfigError(f'MoeConfig.num_sparse_layers must be >= 0, got {self.num_sparse_layers}.')
     if self.num_selected_experts > self.num_experts:
-      raise ValueError(f'MoeConfig.num_selected_experts={self.num_selected_experts} exceeds '
+      raise ConfigError(f'MoeConfig.num_selected_experts={self.num_selected_experts} exceeds '
                        f'num_experts={self.num_experts}; each token picks k <= E experts.')
     for name in ('train_capacity_factor', 'eval_capacity_factor'):
       if getattr(self, name) <= 0:
-        raise ValueError(f'MoeConfig.{name} must be > 0, got {getattr(self, name)}.')
+        raise ConfigError(f'MoeConfig.{name} must be > 0, got {getattr(self, name)}.')
     for name in ('jitter_noise', 'expert_dropout_rate'):
       if not 0 <= getattr(self, name) < 1:
-        raise ValueError(f'MoeConfig.{name} must be in [0, 1), got {getattr(self, name)}.')
+        raise ConfigError(f'MoeConfig.{name} must be in [0, 1), got {getattr(self, name)}.')
     if self.dropless and self.routing_method == 'experts_choose':
-      raise ValueError('MoeConfig.dropless needs routing_method="tokens_choose" or "sparsemixer": '
+      raise ConfigError('MoeConfig.dropless needs routing_method="tokens_choose" or "sparsemixer": '
                        'experts-choose has no per-token choices to keep.')
     if self.moe_type == 'lory':
       self._check_lory()
 
   def _check_lory(self) -> None:
     if self.router != 'linear':
-      raise ValueError(f'MoeConfig.router={self.router!r} does not apply to moe_type="lory", which routes '
+      raise ConfigError(f'MoeConfig.router={self.router!r} does not apply to moe_type="lory", which routes '
                        f'segments with its own linear router; use router="linear" with Lory.')
     defaults = {f.name: f.default for f in dataclasses.fields(MoeConfig)}
     changed = [name for name in LORY_IGNORED_FIELDS if getattr(self, name) != defaults[name]]
     if changed:
       settings = ', '.join(f'{name}={getattr(self, name)!r}' for name in changed)
-      raise ValueError(f'MoeConfig.moe_type="lory" merges all experts for each segment and ignores '
+      raise ConfigError(f'MoeConfig.moe_type="lory" merges all experts for each segment and ignores '
                        f'{settings}; remove these settings (defaults: '
                        f'{", ".join(f"{n}={defaults[n]!r}" for n in changed)}) or use moe_type="sparse".')
 

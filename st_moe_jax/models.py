@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from st_moe_jax import lory as lory_lib
 from st_moe_jax import moe as moe_lib
 from st_moe_jax import routers as routers_lib
-from st_moe_jax.config import LAYOUTS, MoeConfig, TransformerConfig
+from st_moe_jax.config import LAYOUTS, ConfigError, MoeConfig, TransformerConfig
 from st_moe_jax.layers import (Dense, Embed, MlpBlock, MultiHeadDotProductAttention, RelativePositionBiases,
                                RMSNorm, combine_masks, make_attention_mask, make_causal_mask)
 
@@ -39,16 +39,16 @@ def sparse_layer_indices(num_layers: int, num_sparse_layers: int, layout: str) -
   """
   name = str(layout).upper()
   if name not in LAYOUTS:
-    raise ValueError(f'Unknown sparse layout {layout!r}; choose one of {LAYOUTS} '
+    raise ConfigError(f'Unknown sparse layout {layout!r}; choose one of {LAYOUTS} '
                      f'(ENCODER_SPARSE_LAYOUT / DECODER_SPARSE_LAYOUT).')
   if not 0 <= num_sparse_layers <= num_layers:
-    raise ValueError(f'num_sparse_layers={num_sparse_layers} does not fit a stack of {num_layers} layers; '
+    raise ConfigError(f'num_sparse_layers={num_sparse_layers} does not fit a stack of {num_layers} layers; '
                      f'set NUM_ENCODER_SPARSE_LAYERS / NUM_DECODER_SPARSE_LAYERS between 0 and {num_layers}.')
   s, n = num_sparse_layers, num_layers
   if s == 0:
     return ()
   if name == 'MIXED' and n % s:
-    raise ValueError(f'MIXED layout needs the layer count ({n}) to be a multiple of the sparse layer count '
+    raise ConfigError(f'MIXED layout needs the layer count ({n}) to be a multiple of the sparse layer count '
                      f'({s}); choose a divisor of {n} or another layout (BOTTOM / MIDDLE / TOP).')
   rule = {
       'BOTTOM': lambda i: i < s,
@@ -64,11 +64,11 @@ def check_causal_moe(moe: Optional[MoeConfig], field: str) -> None:
   if moe is None or moe.num_sparse_layers == 0:
     return
   if moe.routing_method not in ('tokens_choose', 'sparsemixer'):
-    raise ValueError(f'{field}.routing_method={moe.routing_method!r} looks at future tokens, which a causal '
+    raise ConfigError(f'{field}.routing_method={moe.routing_method!r} looks at future tokens, which a causal '
                      f'decoder must not see; use routing_method="tokens_choose" or "sparsemixer" in the '
                      f'decoder.')
   if moe.batch_prioritized_routing:
-    raise ValueError(f'{field}.batch_prioritized_routing=True orders tokens by router confidence over the '
+    raise ConfigError(f'{field}.batch_prioritized_routing=True orders tokens by router confidence over the '
                      f'whole group, leaking future tokens in a causal decoder; set it to False for the '
                      f'decoder (keep it for the encoder only).')
 
@@ -76,7 +76,7 @@ def check_causal_moe(moe: Optional[MoeConfig], field: str) -> None:
 def check_lory_stack(moe: Optional[MoeConfig], field: str) -> None:
   """Lory's segments route the *next* segment: it only makes sense in a causal (decoder) stack."""
   if moe is not None and moe.num_sparse_layers and moe.moe_type == 'lory':
-    raise ValueError(f'{field}.moe_type="lory" routes each segment on the previous one, which only makes '
+    raise ConfigError(f'{field}.moe_type="lory" routes each segment on the previous one, which only makes '
                      f'sense in a causal decoder; use moe_type="sparse" for {field}.')
 
 
@@ -86,7 +86,7 @@ def _check_stack(moe: Optional[MoeConfig], num_layers: int, field: str) -> tuple
   try:
     return sparse_layer_indices(num_layers, moe.num_sparse_layers, moe.sparse_layout)
   except ValueError as e:
-    raise ValueError(f'{field}: {e}') from None
+    raise ConfigError(f'{field}: {e}') from None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -51,6 +51,18 @@ def test_misspelt_parameter_shows_gin_message_and_file(tmp_path, cli_error):
   assert 'eval_perod' in err and 'bad.gin' in err
 
 
+@pytest.mark.parametrize('extra, expected', [
+    (['--gin.DROPLESS_TILE_SIZE=0'], 'MoeConfig.dropless_tile_size must be >= 1, got 0.'),
+    (["--gin.DECODER_SPARSE_LAYOUT='SOMETIMES'"], 'MoeConfig.sparse_layout must be one of'),
+    (['--gin_file=gin/routers/lory.gin', '--gin.JITTER_NOISE=0.1'], 'ignores jitter_noise=0.1'),
+    (['--gin.NUM_DECODER_SPARSE_LAYERS=5'], 'moe: num_sparse_layers=5 does not fit a stack of 2 layers'),
+])
+def test_bad_model_settings_are_one_line_errors(tmp_path, cli_error, extra, expected):
+  """MoeConfig / model checks raised inside gin's configurable calls reach the user as one line."""
+  err = cli_error(pretrain_args(tmp_path, *extra))
+  assert expected in err and 'In call to configurable' not in err
+
+
 def test_batch_not_divisible_by_mesh(tmp_path, cli_error):
   # 8 simulated devices, NUM_EXPERT_PARTITIONS = NUM_EXPERTS = 4: mesh (data 2, expert 4, model 1).
   err = cli_error(pretrain_args(tmp_path, '--gin.BATCH_SIZE=12'))
