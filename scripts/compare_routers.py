@@ -43,6 +43,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import st_moe_jax  # noqa: E402  (sets the TF log level before anything imports TensorFlow)
+
+st_moe_jax.import_tensorflow_quietly()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import jax  # noqa: E402
