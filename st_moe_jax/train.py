@@ -6,7 +6,9 @@ r"""Training entry point, t5x style:
       --gin.TASK_FEATURE_LENGTHS="{'inputs': 256, 'targets': 64}"
 
 Flags are cli.py's (--gin_file, --gin.NAME=VALUE, ...). MODEL_DIR gets the checkpoints, TensorBoard files
-(train/, training_eval/<task>/), config.gin (the operative gin config) and model-info.txt.
+(train/, training_eval/<task>/), config.gin (the latest run's operative gin config), config-<step>.gin
+(every binding of each run, named by the step it started from; never overwritten) and model-info.txt.
+A resume is checked against the checkpoint (BATCH_SIZE, parameter shapes) before any of these is written.
 """
 
 import st_moe_jax  # pylint: disable=g-bad-import-order  (first: TensorFlow's start-up lines are dropped)
@@ -15,6 +17,7 @@ st_moe_jax.import_tensorflow_quietly()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
 import os
+import re
 from typing import Any, Callable, Optional, Sequence
 
 import gin
@@ -80,13 +83,15 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
     # Nothing to train: no data pipeline, no compilation.
     print(f'{model_dir} is already at step {done} >= TRAIN_STEPS={train_steps}.', flush=True)
     return None
+  if done is not None:
+    check_resume_batch_size(model_dir, done, train_dataset_cfg.batch_size)
   import jax  # pylint: disable=g-import-not-at-top
   cli.check_task_fits_model(train_dataset_cfg, kind)
   if train_eval_dataset_cfg is not None and eval_period:
     cli.check_task_fits_model(train_eval_dataset_cfg, kind)
   shard = data_lib.shard_info()
-  train_data = data_lib.DataIterator(
-      data_lib.get_dataset(train_dataset_cfg, kind, num_processes=jax.process_count(), shard=shard))
+  train_ds = data_lib.get_dataset(train_dataset_cfg, kind, num_processes=jax.process_count(), shard=shard)
+  train_data = data_lib.DataIterator(train_ds)
   eval_data = None
   if train_eval_dataset_cfg is not None and eval_period:
     eval_ds = data_lib.get_dataset(train_eval_dataset_cfg, kind, num_processes=jax.process_count(),
@@ -98,7 +103,12 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
       m, optimizer, learning_rate, mesh, model_kind=kind, loss_config=loss_config, seed=random_seed or 0,
       freeze_patterns=freeze_patterns)
   trainer = make_trainer(model)
-  write_config(model_dir, gin.config_str())  # every binding; replaced by the operative config at the end
+  # The dense warm-up's checkpoints hold another model; fit_with_dense_warmup sorts out which one resumes.
+  if done is not None and warmup is None:
+    check_resume_shapes(trainer, model_dir, done, train_ds)
+  start = done if done is not None else _initial_step(initial_checkpoint_path)
+  # Every binding; config.gin is replaced by the operative config at the end, the history file is kept.
+  write_config(model_dir, gin.config_str(), start)
   loop = trainer_lib.LoopConfig(train_steps, train_dataset_cfg.batch_size, log_period, eval_period,
                                 eval_steps, checkpoint_period, keep_checkpoints, async_checkpointing)
   eval_name = (train_eval_dataset_cfg or train_dataset_cfg).mixture_or_task_name
@@ -120,12 +130,90 @@ def _check_steps(steps: Any, macro: str) -> None:
                         f'--gin.{macro}=1000.')
 
 
-def write_config(model_dir: str, text: str) -> None:
-  """MODEL_DIR/config.gin (process 0)."""
+def _initial_step(initial_checkpoint_path: Optional[str]) -> int:
+  if not initial_checkpoint_path:
+    return 0
+  return ckpt_lib.checkpoint_step(ckpt_lib.resolve_checkpoint_dir(initial_checkpoint_path))
+
+
+_HISTORY = re.compile(r'config-(\d+)(?:-(\d+))?\.gin')
+
+
+def history_configs(model_dir: str) -> list[tuple[int, int, str]]:
+  """(start step, n, path) of MODEL_DIR's config-<step>.gin / config-<step>-<n>.gin files, oldest first."""
+  found = []
+  for name in os.listdir(model_dir) if os.path.isdir(model_dir) else []:
+    m = _HISTORY.fullmatch(name)
+    if m:
+      found.append((int(m.group(1)), int(m.group(2) or 1), os.path.join(model_dir, name)))
+  return sorted(found)
+
+
+def write_config(model_dir: str, text: str, start_step: Optional[int] = None) -> None:
+  """MODEL_DIR/config.gin (process 0), and with start_step the run's history file config-<step>.gin.
+
+  A history file is never overwritten: a second run from the same step (e.g. a fresh start after a run that
+  saved no checkpoint) gets config-<step>-2.gin, and so on.
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
-    with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
+  if jax.process_index() != 0:
+    return
+  if start_step is not None:
+    taken = {path for _, _, path in history_configs(model_dir)}
+    path, n = os.path.join(model_dir, f'config-{start_step}.gin'), 1
+    while path in taken or os.path.exists(path):
+      n += 1
+      path = os.path.join(model_dir, f'config-{start_step}-{n}.gin')
+    with open(path, 'x') as f:  # 'x': fails rather than overwrite
       f.write(text)
+  with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
+    f.write(text)
+
+
+def _recorded_batch_size(path: str) -> Optional[int]:
+  """The training batch size a saved config file binds (directly or through a macro); None if unclear."""
+  with open(path) as f:
+    text = f.read()
+  m = re.search(r'^train/\S*DatasetConfig\.batch_size\s*=\s*(\S+)\s*$', text, re.MULTILINE)
+  if not m:
+    return None
+  value = m.group(1)
+  if value.startswith('%'):
+    m = re.search(rf'^{re.escape(value[1:])}\s*=\s*(\S+)\s*$', text, re.MULTILINE)
+    value = m.group(1) if m else ''
+  return int(value) if value.isdigit() else None
+
+
+def check_resume_batch_size(model_dir: str, step: int, batch_size: int) -> None:
+  """A resume must use the checkpoint's batch size: the saved data iterator holds batches of that size, and
+  tf.data fails on the first one with a shape error (after config.gin was rewritten, before this check)."""
+  # The config of the newest run that started at or before the checkpoint's step; config.gin for a
+  # MODEL_DIR written before the history files.
+  older = [path for start, _, path in history_configs(model_dir) if start <= step]
+  path = older[-1] if older else os.path.join(model_dir, 'config.gin')
+  if not os.path.exists(path):
+    return
+  recorded = _recorded_batch_size(path)
+  if recorded is not None and recorded != batch_size:
+    raise cli.UserError(f'BATCH_SIZE={batch_size} but checkpoint_{step} was trained with BATCH_SIZE={recorded} '
+                        f'({path}); resume with the same BATCH_SIZE or use a fresh MODEL_DIR.')
+
+
+def check_resume_shapes(trainer: trainer_lib.Trainer, model_dir: str, step: int, train_ds: Any) -> None:
+  """CheckpointShapeError (naming the parameters) if checkpoint_<step> holds another model, checked before
+  config.gin is written; fit checks again when it restores."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  # Shapes from the pipeline's spec (training batches are full, so the batch axis is known): taking a real
+  # batch would move the iterator before fit restores its position.
+  trainer.prepare({k: np.zeros(spec.shape, spec.dtype.as_numpy_dtype)
+                   for k, spec in train_ds.element_spec.items()})
+  manager = ckpt_lib.CheckpointManager(model_dir, async_save=False)
+  try:
+    manager.check_shapes(step, trainer.abstract_state.params, trainer.abstract_state.opt_state)
+  except ckpt_lib.CheckpointCorruptError:
+    pass  # fit moves a damaged checkpoint aside and resumes from the one before
+  finally:
+    manager.close()
 
 
 def write_model_info(model_dir: str, trainer: trainer_lib.Evaluator) -> None:

@@ -287,3 +287,78 @@ def test_encoder_decoder_task_on_decoder_only_evaluate(tmp_path, cli_error):
                             '--gin.MIXTURE_OR_TASK_NAME="stdlib_span_corruption"',
                             "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}"), main=_main_of('evaluate'))
   assert "'stdlib_span_corruption' is an encoder-decoder task" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A resume is checked before config.gin is touched; config-<step>.gin keeps each run's config (issue 13).
+
+@pytest.fixture(scope='module')
+def trained_dir(tmp_path_factory):
+  """A MODEL_DIR trained 2 steps (checkpoint_2), made once; tests resume copies of it."""
+  from st_moe_jax import train  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path_factory.mktemp('trained') / 'run'
+  cwd = os.getcwd()
+  os.chdir(REPO)
+  try:
+    train.main(pretrain_args(model_dir))
+  finally:
+    os.chdir(cwd)
+  return model_dir
+
+
+def _copy_run(trained_dir, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path / 'run'
+  shutil.copytree(trained_dir, model_dir)
+  return model_dir
+
+
+def _configs(model_dir):
+  return {name: (model_dir / name).read_bytes() for name in sorted(os.listdir(model_dir))
+          if name.startswith('config')}
+
+
+def test_fresh_run_writes_config_history(trained_dir):
+  configs = _configs(trained_dir)
+  assert sorted(configs) == ['config-0.gin', 'config.gin']
+  assert b'BATCH_SIZE = 8' in configs['config-0.gin']
+
+
+@pytest.mark.slow
+def test_resume_with_other_batch_size_is_refused_before_config_is_written(trained_dir, tmp_path, cli_error):
+  model_dir = _copy_run(trained_dir, tmp_path)
+  before = _configs(model_dir)
+  err = cli_error(pretrain_args(model_dir, '--gin.BATCH_SIZE=16', '--gin.TRAIN_STEPS=4'))
+  assert err.startswith(f'ERROR: BATCH_SIZE=16 but checkpoint_2 was trained with BATCH_SIZE=8 '
+                        f'({model_dir}/config-0.gin)')
+  assert _configs(model_dir) == before  # same files, same bytes
+
+
+@pytest.mark.slow
+def test_resume_with_other_model_is_refused_before_config_is_written(trained_dir, tmp_path, cli_error):
+  model_dir = _copy_run(trained_dir, tmp_path)
+  before = _configs(model_dir)
+  err = cli_error(pretrain_args(model_dir, '--gin.NUM_EXPERTS=2', '--gin.TRAIN_STEPS=4'))
+  assert 'was written by a model of another shape' in err and 'checkpoint (4,' in err
+  assert _configs(model_dir) == before
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_first_runs_config(trained_dir, tmp_path, monkeypatch):
+  from st_moe_jax import train  # pylint: disable=g-import-not-at-top
+  model_dir = _copy_run(trained_dir, tmp_path)
+  before = _configs(model_dir)
+  monkeypatch.chdir(REPO)
+  train.main(pretrain_args(model_dir, '--gin.TRAIN_STEPS=3', '--gin.EVAL_PERIOD=0'))
+  after = _configs(model_dir)
+  assert sorted(after) == ['config-0.gin', 'config-2.gin', 'config.gin']
+  assert after['config-0.gin'] == before['config-0.gin']
+  assert b'TRAIN_STEPS = 3' in after['config-2.gin'] and b'TRAIN_STEPS = 3' in after['config.gin']
+
+
+def test_write_config_never_overwrites_history(tmp_path):
+  from st_moe_jax import train  # pylint: disable=g-import-not-at-top
+  train.write_config(str(tmp_path), 'first\n', 0)
+  train.write_config(str(tmp_path), 'second\n', 0)  # e.g. a fresh start after a run that saved nothing
+  assert _configs(tmp_path) == {'config-0.gin': b'first\n', 'config-0-2.gin': b'second\n',
+                                'config.gin': b'second\n'}
