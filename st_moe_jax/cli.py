@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import gin
@@ -391,3 +392,19 @@ def check_batch(batch_size: int, mesh) -> None:
     partitioning.check_batch_size(batch_size, mesh)
   except ValueError as e:
     raise UserError(str(e)) from e
+
+
+def check_writable(path: str, macro: str) -> None:
+  """Creates the output folder if missing and writes (then removes) a probe file in it, so that a
+  read-only or impossible folder is found before the work whose results would go there, not after."""
+  try:
+    os.makedirs(path, exist_ok=True)
+    # A uniquely named probe: every process of a multi-host run may check the same folder at once.
+    with tempfile.NamedTemporaryFile(dir=path, prefix='.write-check-') as f:
+      f.write(b'x')
+      f.flush()
+  except OSError as e:
+    reason = e.strerror or str(e)
+    where = f' ({e.filename})' if e.filename and os.path.abspath(e.filename) != os.path.abspath(path) else ''
+    raise UserError(f'{macro} {path} is not writable: {reason}{where}. Check the path and its permissions '
+                    f'(and free disk space), or set --gin.{macro} to a writable folder.') from e

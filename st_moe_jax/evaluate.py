@@ -41,13 +41,17 @@ from st_moe_jax import trainer as trainer_lib
 
 
 def restore_evaluator(model: Any, checkpoint_path: str, dataset_cfg: data_lib.DatasetConfig,
-                      num_expert_partitions: int, num_model_partitions: int):
+                      num_expert_partitions: int, num_model_partitions: int,
+                      output_dir: Optional[tuple[str, str]] = None):
   """(evaluator, params, step, batches) for evaluating `model` from a checkpoint on dataset_cfg (no
-  optimizer: only the parameters are restored)."""
+  optimizer: only the parameters are restored). output_dir: (macro, path) of the folder the results go to,
+  checked for writing after the configuration checks and before any data or checkpoint is read."""
   mesh = cli.create_mesh(num_expert_partitions, num_model_partitions, model)
   cli.check_batch(dataset_cfg.batch_size, mesh)
   kind = cli.model_kind(model)
   cli.check_task_fits_model(dataset_cfg, kind)
+  if output_dir is not None:
+    cli.check_writable(output_dir[1], output_dir[0])
   ds = data_lib.get_dataset(dataset_cfg, kind, num_processes=jax.process_count(),
                             shard=data_lib.shard_info())
   first = next(data_lib.DataIterator(ds))
@@ -72,8 +76,10 @@ def evaluate(*, model: Any = gin.REQUIRED, checkpoint_path: Optional[str] = gin.
   cli.check_checkpoint_path(checkpoint_path)
   tasks = tasks_with_split(dataset_cfg.mixture_or_task_name, dataset_cfg.split)
   cfgs = {t.name: dataclasses.replace(dataset_cfg, mixture_or_task_name=t.name) for t in tasks}
+  # A read-only EVAL_OUTPUT_DIR fails here, not after the whole evaluation has run.
   evaluator, params, step, _ = restore_evaluator(model, checkpoint_path, cfgs[tasks[0].name],
-                                                 num_expert_partitions, num_model_partitions)
+                                                 num_expert_partitions, num_model_partitions,
+                                                 output_dir=('EVAL_OUTPUT_DIR', eval_output_dir))
   out = {}
   for task in tasks:
     results = teacher_forced(evaluator, params, cfgs[task.name], step, eval_output_dir, eval_steps, print_fn)

@@ -51,9 +51,10 @@ def infer(*, model: Any = gin.REQUIRED, checkpoint_path: Optional[str] = gin.REQ
   cli.check_checkpoint_path(checkpoint_path)
   tasks = evaluate_lib.tasks_with_split(dataset_cfg.mixture_or_task_name, dataset_cfg.split)
   cfgs = [dataclasses.replace(dataset_cfg, mixture_or_task_name=t.name) for t in tasks]
+  # INFER_OUTPUT_DIR is created and checked for writing before anything is decoded.
   evaluator, params, _, _ = evaluate_lib.restore_evaluator(model, checkpoint_path, cfgs[0],
-                                                            num_expert_partitions, num_model_partitions)
-  os.makedirs(infer_output_dir, exist_ok=True)
+                                                            num_expert_partitions, num_model_partitions,
+                                                            output_dir=('INFER_OUTPUT_DIR', infer_output_dir))
   suffix = f'-predict.jsonl-{shard_id:05d}-of-{num_shards:05d}'
   if evaluator.kind != data_lib.ENCODER_DECODER:
     path = os.path.join(infer_output_dir, dataset_cfg.mixture_or_task_name + suffix)

@@ -75,7 +75,7 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
   if initial_checkpoint_path and ckpt_lib.latest_checkpoint_step(model_dir) is None:
     cli.check_checkpoint_path(initial_checkpoint_path)
   kind = cli.model_kind(model)
-  os.makedirs(model_dir, exist_ok=True)
+  cli.check_writable(model_dir, 'MODEL_DIR')  # before any work: its results would be lost
   mesh = cli.create_mesh(num_expert_partitions, num_model_partitions, model, devices)
   cli.check_batch(train_dataset_cfg.batch_size, mesh)
   done = ckpt_lib.latest_checkpoint_step(model_dir)

@@ -362,3 +362,31 @@ def test_write_config_never_overwrites_history(tmp_path):
   train.write_config(str(tmp_path), 'second\n', 0)  # e.g. a fresh start after a run that saved nothing
   assert _configs(tmp_path) == {'config-0.gin': b'first\n', 'config-0-2.gin': b'second\n',
                                 'config.gin': b'second\n'}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output folders are checked for writing before any work (issue 13). Tests run as root, which ignores
+# permission bits (chmod a-w would not stop it), so the unwritable folder is one under a regular file: that
+# fails for root too. A full disk (ENOSPC) is not simulated here; it fails the same check with its reason.
+
+def test_check_writable_creates_the_folder_and_leaves_nothing(tmp_path):
+  cli.check_writable(str(tmp_path / 'a' / 'b'), 'EVAL_OUTPUT_DIR')
+  assert os.listdir(tmp_path / 'a' / 'b') == []
+
+
+@pytest.mark.parametrize('name', ['train', 'evaluate', 'infer'])
+def test_unwritable_output_dir(tmp_path, cli_error, name):
+  (tmp_path / 'afile').write_text('a regular file, so no folder can be made under it\n')
+  bad = tmp_path / 'afile' / 'sub'
+  (tmp_path / 'checkpoint_1').mkdir()  # found, but never read: the output folder is checked first
+  if name == 'train':
+    macro, argv = 'MODEL_DIR', pretrain_args(bad)
+  elif name == 'evaluate':
+    macro, argv = 'EVAL_OUTPUT_DIR', eval_args(f'--gin.CHECKPOINT_PATH="{tmp_path}"',
+                                               f'--gin.EVAL_OUTPUT_DIR="{bad}"')
+  else:
+    macro, argv = 'INFER_OUTPUT_DIR', infer_args(f'--gin.CHECKPOINT_PATH="{tmp_path}"',
+                                                 f'--gin.INFER_OUTPUT_DIR="{bad}"')
+  err = cli_error(argv, main=_main_of(name))
+  assert err.startswith(f'ERROR: {macro} {bad} is not writable: Not a directory'), err
+  assert len(err.strip().splitlines()) == 1
