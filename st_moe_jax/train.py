@@ -195,8 +195,8 @@ def check_resume_batch_size(model_dir: str, step: int, batch_size: int) -> None:
     return
   recorded = _recorded_batch_size(path)
   if recorded is not None and recorded != batch_size:
-    raise cli.UserError(f'BATCH_SIZE={batch_size} but checkpoint_{step} was trained with BATCH_SIZE={recorded} '
-                        f'({path}); resume with the same BATCH_SIZE or use a fresh MODEL_DIR.')
+    raise cli.UserError(f'BATCH_SIZE={batch_size} but checkpoint_{step} was trained with '
+                        f'BATCH_SIZE={recorded} ({path}); resume with the same BATCH_SIZE or use a fresh MODEL_DIR.')
 
 
 def check_resume_shapes(trainer: trainer_lib.Trainer, model_dir: str, step: int, train_ds: Any) -> None:
