@@ -41,6 +41,8 @@ PyTree = Any
 Batch = Mapping[str, Any]
 # Byte vocabularies (seqio.ByteVocabulary): ids 0-2 are pad / EOS / UNK, then one id per byte.
 BYTE_ID_OFFSET = 3
+# Each MoE layer's routing in TensorBoard, as experts/<stack>/layers_<i>/<name> (train and eval alike).
+LAYER_METRIC_NAMES = ('expert_usage', 'fraction_tokens_left_behind', 'router_confidence')
 
 
 class TrainingDivergedError(RuntimeError):
@@ -238,7 +240,8 @@ class Trainer(Evaluator):
   def _train_step(self, state: TrainState, batch: Batch):
     rng = jax.random.fold_in(jax.random.key(self.seed), state.step)
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-    (_, (metrics, _)), grads = grad_fn(state.params, batch, rng, True)
+    (_, (metrics, intermediates)), grads = grad_fn(state.params, batch, rng, True)
+    metrics = {**metrics, **layer_metrics(intermediates)}
     # The learning rate this update uses: the schedule at the optimizer's count.
     count = schedule_count(state.opt_state)
     learning_rate = self.learning_rate(state.step if count is None else count)
@@ -257,6 +260,12 @@ class Trainer(Evaluator):
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     with partitioning.activate(self.mesh, self.rules):
       return self._train(state, self.global_batch(batch))
+
+
+def layer_metrics(intermediates: PyTree) -> dict[str, jax.Array]:
+  """{'experts/decoder/layers_1/expert_usage': scalar, ...} for LAYER_METRIC_NAMES."""
+  per_layer = losses.per_layer_moe_metrics(intermediates, LAYER_METRIC_NAMES)
+  return {f'experts/{k}': v for k, v in per_layer.items()}
 
 
 def _with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
@@ -441,7 +450,10 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
         _check_finite(first_bad, bad_values, metrics, manager, model_dir)
         eval_start = time.time()
         results = evaluate(trainer, state.params, eval_data(), loop.batch_size, loop.eval_steps)
-        eval_writer.write(step, {k: v for k, v in results.items() if not k.startswith('layer/')})
+        # Per-layer results under the training tags: experts/<stack>/layers_<i>/<name>.
+        eval_writer.write(step, {('experts/' + k[len('layer/'):] if k.startswith('layer/') else k): v
+                                 for k, v in results.items()
+                                 if not k.startswith('layer/') or k.endswith(LAYER_METRIC_NAMES)})
         print_fn(summaries.eval_line(step, eval_name, results, time.time() - start))
         tic += time.time() - eval_start  # throughput counts training time only
       if manager.should_save(step) or done:

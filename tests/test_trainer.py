@@ -200,3 +200,25 @@ def test_evaluate_weights_batches_by_tokens():
     np.testing.assert_allclose(one[k], two[k], rtol=1e-6)
   assert one['bits_per_byte'] > 0 and one['target_tokens'] == float(np.sum(batch['decoder_loss_weights']))
   del data
+
+
+@pytest.mark.slow
+def test_st_moe_tiny_writes_per_layer_expert_metrics(tmp_path, monkeypatch):
+  """st_moe_tiny (decoder-only): experts/decoder/layers_1/<metric> in train/ and training_eval/<task>/."""
+  from st_moe_jax import data, gin_setup, optim, partitioning, trainer
+  import jax
+  monkeypatch.chdir(REPO)
+  gin_setup.parse_model_gin(['gin/models/st_moe_tiny.gin', 'gin/runs/decoder_only.gin'], search_paths=[REPO])
+  tr = trainer.Trainer(gin_setup.architecture(), optim.adafactor, optim.constant_schedule(0.01),
+                       partitioning.create_mesh(jax.devices()[:1]), model_kind=data.DECODER_ONLY)
+  model_dir = str(tmp_path / 'run')
+  loop = trainer.LoopConfig(2, BATCH, log_period=1, eval_period=2, eval_steps=1, checkpoint_period=100)
+  trainer.fit(tr, model_dir, make_data(), loop, eval_data=lambda: make_data('validation'), eval_name=TASK,
+              print_fn=lambda _: None)
+  for folder, points in (('train', 2), (os.path.join('training_eval', TASK), 1)):
+    tags = read_tags(os.path.join(model_dir, folder))
+    for name in ('expert_usage', 'fraction_tokens_left_behind', 'router_confidence'):
+      values = tags.get(f'experts/decoder/layers_1/{name}', [])
+      assert len(values) == points, (folder, name, sorted(tags))
+      assert all(0.0 <= v <= 1.0 for v in values), (folder, name, values)
+    assert not any(t.startswith('layer/') for t in tags)
