@@ -268,6 +268,10 @@ def layer_metrics(intermediates: PyTree) -> dict[str, jax.Array]:
   return {f'experts/{k}': v for k, v in per_layer.items()}
 
 
+# Sums the logging period's metrics on device: one dispatch a step and no host sync until the log.
+_add_metrics = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+
 def _with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -407,6 +411,8 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
   step = int(state.step)
   start = tic = time.time()
   window_steps, window_tokens, compile_s = 0, 0.0, None
+  # Logged scalars are means over the steps since the last log, as t5x's (clu.metrics.Average).
+  period_sums, period_steps = None, 0
   try:
     while step < loop.train_steps:
       batch = pending.pop() if pending else next(train_data)
@@ -416,6 +422,9 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
       first_bad = jnp.where(newly_bad, step, first_bad)
       bad_values = jnp.where(newly_bad, metrics['nonfinite'],
                              metrics['nonfinite'] if bad_values is None else bad_values)
+      logged = {k: v for k, v in metrics.items() if k not in ('finite', 'nonfinite')}
+      period_sums = logged if period_sums is None else _add_metrics(period_sums, logged)
+      period_steps += 1
       window_steps += 1
       window_tokens += float(np.sum(batch.get('decoder_loss_weights', batch['decoder_target_tokens'] > 0)))
       if compile_s is None:  # the first step includes compilation
@@ -435,7 +444,8 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
       if step % loop.log_period == 0 or done:
         _check_finite(first_bad, bad_values, metrics, manager, model_dir)
         elapsed = max(time.time() - tic, 1e-9)
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in ('finite', 'nonfinite')}
+        scalars = {k: float(v) / period_steps for k, v in jax.device_get(period_sums).items()}
+        period_sums, period_steps = None, 0
         steps_per_s = window_steps / elapsed
         tokens_per_s = window_tokens * jax.process_count() / elapsed
         scalars.update({'timing/steps_per_second': steps_per_s,

@@ -222,3 +222,32 @@ def test_st_moe_tiny_writes_per_layer_expert_metrics(tmp_path, monkeypatch):
       assert len(values) == points, (folder, name, sorted(tags))
       assert all(0.0 <= v <= 1.0 for v in values), (folder, name, values)
     assert not any(t.startswith('layer/') for t in tags)
+
+
+
+
+def _fit_tags(model_dir: str, steps: int, log_period: int, schedule=None, lines=None):
+  from st_moe_jax import trainer
+  loop = trainer.LoopConfig(steps, BATCH, log_period=log_period, eval_period=1000, checkpoint_period=2)
+  trainer.fit(make_trainer(schedule), model_dir, make_data(), loop,
+              print_fn=(lines.append if lines is not None else lambda _: None))
+  return read_tags(os.path.join(model_dir, 'train'))
+
+
+@pytest.mark.slow
+def test_logged_scalars_are_means_over_the_log_period(tmp_path):
+  """LOG_PERIOD=2 logs the mean of the two steps' values (t5x), which LOG_PERIOD=1 logs one by one; a
+  warm-up makes the learning rate differ from step to step."""
+  from st_moe_jax import optim
+  schedule = optim.create_learning_rate_scheduler('constant * linear_warmup', 0.01, warmup_steps=10)
+  each = _fit_tags(str(tmp_path / 'each'), 4, 1, schedule)
+  pairs = _fit_tags(str(tmp_path / 'pairs'), 4, 2, schedule)
+  layer_tags = [t for t in each if t.startswith('experts/decoder/layers_')]
+  assert len(layer_tags) == 3, sorted(each)
+  for tag in ['loss', 'cross_ent_loss', 'accuracy', 'learning_rate', 'experts/expert_usage', *layer_tags]:
+    per_step = np.asarray(each[tag])
+    assert len(per_step) == 4 and len(pairs[tag]) == 2, tag
+    np.testing.assert_allclose(pairs[tag], per_step.reshape(2, 2).mean(axis=1), rtol=1e-5, err_msg=tag)
+  assert not np.allclose(each['loss'][0], each['loss'][1])  # the mean is not just one step's value
+  np.testing.assert_allclose(pairs['learning_rate'], [(schedule(0) + schedule(1)) / 2,
+                                                      (schedule(2) + schedule(3)) / 2], rtol=1e-6)
