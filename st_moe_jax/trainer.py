@@ -427,10 +427,14 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
       period_steps += 1
       window_steps += 1
       window_tokens += float(np.sum(batch.get('decoder_loss_weights', batch['decoder_target_tokens'] > 0)))
-      if compile_s is None:  # the first step includes compilation
-        compile_s = time.time() - tic
-        tic, window_steps, window_tokens = time.time(), 0, 0.0
       done = step == loop.train_steps
+      log_now = step % loop.log_period == 0 or done
+      if compile_s is None:  # the first step (of a run or a resumed run) includes compilation
+        compile_s = time.time() - tic
+        # Throughput leaves compilation out, unless this step is logged at once: then it is this step's
+        # (a window of no steps read 0.00 steps/s).
+        if not log_now:
+          tic, window_steps, window_tokens = time.time(), 0, 0.0
       # Every step, on every process (the sync point is collective); saved before any log or eval so the
       # grace period goes to the checkpoint.
       preempted = manager.reached_preemption(step) or _PREEMPTED.is_set()
@@ -441,7 +445,7 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
         print_fn(f'Preempted (SIGTERM) at step {step}: saved checkpoint_{step}; rerun the same command to '
                  'resume.')
         return state
-      if step % loop.log_period == 0 or done:
+      if log_now:
         _check_finite(first_bad, bad_values, metrics, manager, model_dir)
         elapsed = max(time.time() - tic, 1e-9)
         scalars = {k: float(v) / period_steps for k, v in jax.device_get(period_sums).items()}
