@@ -317,9 +317,9 @@ def evaluate(evaluator: Evaluator, params: PyTree, batches: Iterator[Batch], bat
 @dataclasses.dataclass
 class LoopConfig:
   """train_steps: TRAIN_STEPS (absolute; includes a restored checkpoint's steps); log_period: steps per
-  console line and TensorBoard point; eval_period / eval_steps: teacher-forced eval on the validation
-  split every eval_period steps, eval_steps batches (None: the whole split); checkpoint_period / keep:
-  orbax save period and how many checkpoints to keep."""
+  console line and TensorBoard point (each a mean over those steps, as t5x's); eval_period / eval_steps:
+  teacher-forced eval on the validation split every eval_period steps, eval_steps batches (None: the whole
+  split); checkpoint_period / keep: orbax save period and how many checkpoints to keep."""
   train_steps: int
   batch_size: int
   log_period: int = 100
