@@ -9,7 +9,8 @@ class SummaryWriter:
   """TensorBoard scalars in event files under `directory` (process 0 only).
 
   Written with TF's core summary op and the 'scalars' plugin metadata, which is what tf.summary.scalar
-  writes; it does not need the tensorboard package (not pinned here).
+  writes; writing does not need the tensorboard package (requirements.txt pins it for viewing:
+  `tensorboard --logdir MODEL_DIR`).
   """
 
   def __init__(self, directory: str):

@@ -41,6 +41,8 @@ PyTree = Any
 Batch = Mapping[str, Any]
 # Byte vocabularies (seqio.ByteVocabulary): ids 0-2 are pad / EOS / UNK, then one id per byte.
 BYTE_ID_OFFSET = 3
+# Each MoE layer's routing in TensorBoard, as experts/<stack>/layers_<i>/<name> (train and eval alike).
+LAYER_METRIC_NAMES = ('expert_usage', 'fraction_tokens_left_behind', 'router_confidence')
 
 
 class TrainingDivergedError(RuntimeError):
@@ -238,7 +240,8 @@ class Trainer(Evaluator):
   def _train_step(self, state: TrainState, batch: Batch):
     rng = jax.random.fold_in(jax.random.key(self.seed), state.step)
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-    (_, (metrics, _)), grads = grad_fn(state.params, batch, rng, True)
+    (_, (metrics, intermediates)), grads = grad_fn(state.params, batch, rng, True)
+    metrics = {**metrics, **layer_metrics(intermediates)}
     # The learning rate this update uses: the schedule at the optimizer's count.
     count = schedule_count(state.opt_state)
     learning_rate = self.learning_rate(state.step if count is None else count)
@@ -257,6 +260,16 @@ class Trainer(Evaluator):
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     with partitioning.activate(self.mesh, self.rules):
       return self._train(state, self.global_batch(batch))
+
+
+def layer_metrics(intermediates: PyTree) -> dict[str, jax.Array]:
+  """{'experts/decoder/layers_1/expert_usage': scalar, ...} for LAYER_METRIC_NAMES."""
+  per_layer = losses.per_layer_moe_metrics(intermediates, LAYER_METRIC_NAMES)
+  return {f'experts/{k}': v for k, v in per_layer.items()}
+
+
+# Sums the logging period's metrics on device: one dispatch a step and no host sync until the log.
+_add_metrics = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
 
 def _with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
@@ -304,9 +317,9 @@ def evaluate(evaluator: Evaluator, params: PyTree, batches: Iterator[Batch], bat
 @dataclasses.dataclass
 class LoopConfig:
   """train_steps: TRAIN_STEPS (absolute; includes a restored checkpoint's steps); log_period: steps per
-  console line and TensorBoard point; eval_period / eval_steps: teacher-forced eval on the validation
-  split every eval_period steps, eval_steps batches (None: the whole split); checkpoint_period / keep:
-  orbax save period and how many checkpoints to keep."""
+  console line and TensorBoard point (each a mean over those steps, as t5x's); eval_period / eval_steps:
+  teacher-forced eval on the validation split every eval_period steps, eval_steps batches (None: the whole
+  split); checkpoint_period / keep: orbax save period and how many checkpoints to keep."""
   train_steps: int
   batch_size: int
   log_period: int = 100
@@ -398,6 +411,8 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
   step = int(state.step)
   start = tic = time.time()
   window_steps, window_tokens, compile_s = 0, 0.0, None
+  # Logged scalars are means over the steps since the last log, as t5x's (clu.metrics.Average).
+  period_sums, period_steps = None, 0
   try:
     while step < loop.train_steps:
       batch = pending.pop() if pending else next(train_data)
@@ -407,12 +422,19 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
       first_bad = jnp.where(newly_bad, step, first_bad)
       bad_values = jnp.where(newly_bad, metrics['nonfinite'],
                              metrics['nonfinite'] if bad_values is None else bad_values)
+      logged = {k: v for k, v in metrics.items() if k not in ('finite', 'nonfinite')}
+      period_sums = logged if period_sums is None else _add_metrics(period_sums, logged)
+      period_steps += 1
       window_steps += 1
       window_tokens += float(np.sum(batch.get('decoder_loss_weights', batch['decoder_target_tokens'] > 0)))
-      if compile_s is None:  # the first step includes compilation
-        compile_s = time.time() - tic
-        tic, window_steps, window_tokens = time.time(), 0, 0.0
       done = step == loop.train_steps
+      log_now = step % loop.log_period == 0 or done
+      if compile_s is None:  # the first step (of a run or a resumed run) includes compilation
+        compile_s = time.time() - tic
+        # Throughput leaves compilation out, unless this step is logged at once: then it is this step's
+        # (a window of no steps read 0.00 steps/s).
+        if not log_now:
+          tic, window_steps, window_tokens = time.time(), 0, 0.0
       # Every step, on every process (the sync point is collective); saved before any log or eval so the
       # grace period goes to the checkpoint.
       preempted = manager.reached_preemption(step) or _PREEMPTED.is_set()
@@ -423,10 +445,11 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
         print_fn(f'Preempted (SIGTERM) at step {step}: saved checkpoint_{step}; rerun the same command to '
                  'resume.')
         return state
-      if step % loop.log_period == 0 or done:
+      if log_now:
         _check_finite(first_bad, bad_values, metrics, manager, model_dir)
         elapsed = max(time.time() - tic, 1e-9)
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in ('finite', 'nonfinite')}
+        scalars = {k: float(v) / period_steps for k, v in jax.device_get(period_sums).items()}
+        period_sums, period_steps = None, 0
         steps_per_s = window_steps / elapsed
         tokens_per_s = window_tokens * jax.process_count() / elapsed
         scalars.update({'timing/steps_per_second': steps_per_s,
@@ -441,7 +464,10 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
         _check_finite(first_bad, bad_values, metrics, manager, model_dir)
         eval_start = time.time()
         results = evaluate(trainer, state.params, eval_data(), loop.batch_size, loop.eval_steps)
-        eval_writer.write(step, {k: v for k, v in results.items() if not k.startswith('layer/')})
+        # Per-layer results under the training tags: experts/<stack>/layers_<i>/<name>.
+        eval_writer.write(step, {('experts/' + k[len('layer/'):] if k.startswith('layer/') else k): v
+                                 for k, v in results.items()
+                                 if not k.startswith('layer/') or k.endswith(LAYER_METRIC_NAMES)})
         print_fn(summaries.eval_line(step, eval_name, results, time.time() - start))
         tic += time.time() - eval_start  # throughput counts training time only
       if manager.should_save(step) or done:

@@ -200,3 +200,64 @@ def test_evaluate_weights_batches_by_tokens():
     np.testing.assert_allclose(one[k], two[k], rtol=1e-6)
   assert one['bits_per_byte'] > 0 and one['target_tokens'] == float(np.sum(batch['decoder_loss_weights']))
   del data
+
+
+def _fit_tags(model_dir: str, steps: int, log_period: int, schedule=None, lines=None):
+  from st_moe_jax import trainer
+  loop = trainer.LoopConfig(steps, BATCH, log_period=log_period, eval_period=1000, checkpoint_period=2)
+  trainer.fit(make_trainer(schedule), model_dir, make_data(), loop,
+              print_fn=(lines.append if lines is not None else lambda _: None))
+  return read_tags(os.path.join(model_dir, 'train'))
+
+
+@pytest.mark.slow
+def test_logged_scalars_are_means_over_the_log_period(tmp_path):
+  """LOG_PERIOD=2 logs the mean of the two steps' values (t5x), which LOG_PERIOD=1 logs one by one; a
+  warm-up makes the learning rate differ from step to step."""
+  from st_moe_jax import optim
+  schedule = optim.create_learning_rate_scheduler('constant * linear_warmup', 0.01, warmup_steps=10)
+  each = _fit_tags(str(tmp_path / 'each'), 4, 1, schedule)
+  pairs = _fit_tags(str(tmp_path / 'pairs'), 4, 2, schedule)
+  layer_tags = [t for t in each if t.startswith('experts/decoder/layers_')]
+  assert len(layer_tags) == 3, sorted(each)
+  for tag in ['loss', 'cross_ent_loss', 'accuracy', 'learning_rate', 'experts/expert_usage', *layer_tags]:
+    per_step = np.asarray(each[tag])
+    assert len(per_step) == 4 and len(pairs[tag]) == 2, tag
+    np.testing.assert_allclose(pairs[tag], per_step.reshape(2, 2).mean(axis=1), rtol=1e-5, err_msg=tag)
+  assert not np.allclose(each['loss'][0], each['loss'][1])  # the mean is not just one step's value
+  np.testing.assert_allclose(pairs['learning_rate'], [(schedule(0) + schedule(1)) / 2,
+                                                      (schedule(2) + schedule(3)) / 2], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_first_log_after_resume_has_steps_per_second(tmp_path):
+  """The first step after a resume compiles; logged at once (LOG_PERIOD=1) it used to read 0.00 steps/s."""
+  import re
+  model_dir, lines = str(tmp_path / 'run'), []
+  _fit_tags(model_dir, 2, 1)
+  tags = _fit_tags(model_dir, 4, 1, lines=lines)
+  steps_per_s = [float(m.group(1)) for m in map(re.compile(r'\| ([0-9.]+) steps/s').search, lines) if m]
+  assert len(steps_per_s) == 2 and min(steps_per_s) > 0, lines
+  assert len(tags['timing/steps_per_second']) == 4 and min(tags['timing/steps_per_second']) > 0
+
+
+@pytest.mark.slow
+def test_st_moe_tiny_writes_per_layer_expert_metrics(tmp_path, monkeypatch):
+  """st_moe_tiny (decoder-only): experts/decoder/layers_1/<metric> in train/ and training_eval/<task>/."""
+  from st_moe_jax import data, gin_setup, optim, partitioning, trainer
+  import jax
+  monkeypatch.chdir(REPO)
+  gin_setup.parse_model_gin(['gin/models/st_moe_tiny.gin', 'gin/runs/decoder_only.gin'], search_paths=[REPO])
+  tr = trainer.Trainer(gin_setup.architecture(), optim.adafactor, optim.constant_schedule(0.01),
+                       partitioning.create_mesh(jax.devices()[:1]), model_kind=data.DECODER_ONLY)
+  model_dir = str(tmp_path / 'run')
+  loop = trainer.LoopConfig(2, BATCH, log_period=1, eval_period=2, eval_steps=1, checkpoint_period=100)
+  trainer.fit(tr, model_dir, make_data(), loop, eval_data=lambda: make_data('validation'), eval_name=TASK,
+              print_fn=lambda _: None)
+  for folder, points in (('train', 2), (os.path.join('training_eval', TASK), 1)):
+    tags = read_tags(os.path.join(model_dir, folder))
+    for name in ('expert_usage', 'fraction_tokens_left_behind', 'router_confidence'):
+      values = tags.get(f'experts/decoder/layers_1/{name}', [])
+      assert len(values) == points, (folder, name, sorted(tags))
+      assert all(0.0 <= v <= 1.0 for v in values), (folder, name, values)
+    assert not any(t.startswith('layer/') for t in tags)
