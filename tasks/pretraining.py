@@ -35,6 +35,13 @@ from tasks import lory_batching
 SPLITS = ('train', 'validation')
 VALIDATION_FRACTION = 0.05
 SEGMENT_CHARS = 4096
+# Training mixes segments, not whole files: FILES_READ_AT_ONCE files are read round-robin (one segment
+# of each in turn) and the segments then pass a SEGMENT_SHUFFLE_BUFFER shuffle, before packing. Without
+# it a packed batch held a few files (one of up to hundreds of KB fills ~1000 rows: seqio's whole row
+# shuffle buffer), so consecutive steps trained on the same files. Both stay small inside the
+# checkpointed iterator: the interleave saves its files' paths and positions, the buffer <= 4 MB of text.
+FILES_READ_AT_ONCE = 64
+SEGMENT_SHUFFLE_BUFFER = 1024
 # Name part of the LM tasks with Lory's similarity batching: stdlib_lm_similarity, ...
 SIMILARITY_SUFFIX = '_similarity'
 # Feature naming a segment's file, so that similarity batching orders whole files (documents), not segments.
@@ -159,10 +166,15 @@ class TextFilesSource(seqio.DataSource):
     if self._path_key is not None:
       return self._segments_with_paths(split, files, shuffle, seed, shard_info, segment)
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string))
-    if shuffle:
-      ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(segment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.unbatch().map(lambda text: {'text': text})
+    if not shuffle:
+      ds = ds.map(segment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+      return ds.map(lambda text: {'text': text})
+    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(lambda path: tf.data.Dataset.from_tensor_slices(segment(path)),
+                       cycle_length=FILES_READ_AT_ONCE, block_length=1, deterministic=True)
+    ds = ds.shuffle(SEGMENT_SHUFFLE_BUFFER, seed=None if seed is None else seed + 1,
+                    reshuffle_each_iteration=True)
+    return ds.map(lambda text: {'text': text})
 
   def _segments_with_paths(self, split, files, shuffle, seed, shard_info, segment) -> tf.data.Dataset:
     """As get_dataset, with each segment's relative file path under `path_key` (a file's segments stay
