@@ -20,6 +20,7 @@ on two CPU cores. The encoder-decoder objective is one flag away (see --objectiv
 import argparse
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -43,8 +44,17 @@ def parse_args():
   return parser.parse_args()
 
 
+def command_line(args: list[str]) -> str:
+  """The command as it can be pasted into a shell (from the repository root): shlex-quoted, so gin's inner
+  quotes ('--gin.MODEL_DIR="runs/demo"') survive the shell."""
+  python = sys.executable
+  if python.startswith(REPO + os.sep):
+    python = os.path.relpath(python, REPO)
+  return shlex.join([python, '-m', *args])
+
+
 def run(args: list[str]) -> None:
-  print('$ python -m ' + ' '.join(args), flush=True)
+  print('$ ' + command_line(args), flush=True)
   env = {**os.environ, 'PYTHONPATH': REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
          'TF_CPP_MIN_LOG_LEVEL': '3'}
   subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=env, check=True)

@@ -20,6 +20,8 @@ skipped). t5x's layout:
 """
 
 import st_moe_jax  # pylint: disable=g-bad-import-order  (first: TensorFlow's start-up lines are dropped)
+if __name__ == '__main__':  # a line within the first second: the imports below take several
+  print('st_moe_jax.evaluate: loading JAX and TensorFlow...', flush=True)
 st_moe_jax.import_tensorflow_quietly()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -112,8 +114,9 @@ def teacher_forced(evaluator, params, cfg: data_lib.DatasetConfig, step: int, ev
                             shard=data_lib.shard_info())
   rows = cfg.batch_size // jax.process_count()
   batches = (data_lib.pad_batch(b, rows) for b in data_lib.DataIterator(ds))
-  results = trainer_lib.evaluate(evaluator, params, batches, rows, eval_steps)
   name = cfg.mixture_or_task_name
+  progress = summaries.Progress(f'evaluating {name} ({cfg.split})', eval_steps, print_fn=print_fn)
+  results = trainer_lib.evaluate(evaluator, params, batches, rows, eval_steps, progress)
   if jax.process_index() == 0:
     os.makedirs(eval_output_dir, exist_ok=True)
     with open(os.path.join(eval_output_dir, f'{name}-metrics.jsonl'), 'a') as f:
@@ -146,18 +149,22 @@ def _padded(sequences: Sequence[np.ndarray], rows: int, length: int) -> np.ndarr
 
 
 def decode_examples(evaluator, params, examples: Sequence[Mapping[str, Any]], batch_size: int,
-                    input_length: int, target_length: int, method: str = 'greedy') -> list[np.ndarray]:
+                    input_length: int, target_length: int, method: str = 'greedy',
+                    label: str = 'decoding') -> list[np.ndarray]:
   """Decoded target tokens [target_length] of each example (encoder-decoder; greedy by default)."""
   if evaluator.kind != data_lib.ENCODER_DECODER:
     raise cli.UserError('Decoding tasks with inputs needs an encoder-decoder model; decoder-only '
                         'models are evaluated teacher-forced only.')
   outputs = []
+  progress = summaries.Progress(label, -(-len(examples) // batch_size))
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
     inputs = _padded([ex['inputs'] for ex in chunk], batch_size, input_length)
     tokens, _ = decoding.generate(evaluator.model, params, max_decode_length=target_length, method=method,
                                   encoder_input_tokens=inputs)
     outputs.extend(np.asarray(jax.device_get(tokens))[:len(chunk)])
+    progress.update()
+  progress.done()
   return outputs
 
 
@@ -175,7 +182,8 @@ def predict_task(evaluator, params, task, cfg: data_lib.DatasetConfig, max_batch
                         'to decode an encoder-decoder.')
   examples = task_examples(task, cfg, max_batches)
   rows = cfg.batch_size // jax.process_count()
-  tokens = decode_examples(evaluator, params, examples, rows, lengths['inputs'], lengths['targets'], method)
+  tokens = decode_examples(evaluator, params, examples, rows, lengths['inputs'], lengths['targets'], method,
+                           label=f'decoding {task.name} ({cfg.split})')
   vocabulary = task.output_features['targets'].vocabulary
   return examples, [decode_text(vocabulary, t) for t in tokens], tokens
 

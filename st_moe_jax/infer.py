@@ -17,6 +17,8 @@ official submission files are written beside the predictions: INFER_OUTPUT_DIR/B
 """
 
 import st_moe_jax  # pylint: disable=g-bad-import-order  (first: TensorFlow's start-up lines are dropped)
+if __name__ == '__main__':  # a line within the first second: the imports below take several
+  print('st_moe_jax.infer: loading JAX and TensorFlow...', flush=True)
 st_moe_jax.import_tensorflow_quietly()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -33,6 +35,7 @@ from st_moe_jax import cli
 from st_moe_jax import data as data_lib
 from st_moe_jax import decoding
 from st_moe_jax import evaluate as evaluate_lib
+from st_moe_jax import summaries
 
 
 def _text(vocabulary, tokens: np.ndarray) -> str:
@@ -108,6 +111,8 @@ def _infer_decoder_only(evaluator, params, dataset_cfg: data_lib.DatasetConfig, 
                             shard=data_lib.shard_info())
   rows = dataset_cfg.batch_size // jax.process_count()
   records = []
+  progress = summaries.Progress(f'decoding {dataset_cfg.mixture_or_task_name} ({dataset_cfg.split})',
+                                max_batches)
   for i, batch in enumerate(data_lib.DataIterator(ds)):
     if max_batches is not None and i >= max_batches:
       break
@@ -121,6 +126,8 @@ def _infer_decoder_only(evaluator, params, dataset_cfg: data_lib.DatasetConfig, 
     records += [{'inputs': _text(vocabulary, prompt[row]), 'targets': _text(vocabulary, targets[row]),
                  'prediction': _text(vocabulary, tokens[row]), 'prediction_tokens': tokens[row].tolist()}
                 for row in range(real)]
+    progress.update()
+  progress.done()
   return _write_jsonl(path, records)
 
 

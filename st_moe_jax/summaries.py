@@ -1,6 +1,7 @@
 """Where metrics go: TensorBoard event files and the console lines of a run (t5x's tags and layout)."""
 
-from typing import Mapping
+import time
+from typing import Callable, Mapping, Optional, Sequence
 
 import jax
 
@@ -51,7 +52,52 @@ def train_line(step: int, total: int, metrics: Mapping[str, float], steps_per_s:
           f'| {steps_per_s:.2f} steps/s  {tokens_per_s / 1e3:.1f}k tokens/s  [{elapsed_s:.0f}s]')
 
 
+def first_step_line(step: int, total: int, metrics: Mapping[str, float], compile_s: float,
+                    elapsed_s: float) -> str:
+  return (f'step {step:>6d}/{total}  loss {metrics["loss"]:.4f}  ce {metrics["cross_ent_loss"]:.4f}  '
+          f'acc {metrics["accuracy"]:.3f}  lr {metrics["learning_rate"]:.2e}  '
+          f'| first step, compiled in {compile_s:.0f}s  [{elapsed_s:.0f}s]')
+
+
+def startup_line(model_name: str, num_params: int, mesh_shape: Mapping[str, int], devices: Sequence,
+                 batch_shapes: Mapping[str, Sequence[int]]) -> str:
+  platform = devices[0].platform if devices else '?'
+  batch = ', '.join(f'{k.split("_")[0]} {"x".join(map(str, batch_shapes[k]))}'
+                    for k in ('encoder_input_tokens', 'decoder_target_tokens') if k in batch_shapes)
+  return (f'model {model_name}: {num_params:,} parameters | mesh {dict(mesh_shape)} on {len(devices)} '
+          f'{platform} device(s) | batch {batch}')
+
+
 def eval_line(step: int, name: str, results: Mapping[str, float], elapsed_s: float) -> str:
   bits = f'  bits/byte {results["bits_per_byte"]:.3f}' if 'bits_per_byte' in results else ''
   return (f'eval  {step:>6d}  {name}: loss {results["loss"]:.4f}  accuracy {results["accuracy"]:.3f}'
           f'{bits}  [{elapsed_s:.0f}s]')
+
+
+class Progress:
+  """Progress lines of a loop over batches: '<label>: 0 batches' at once, then at most one line every
+  `every_s` seconds ('<label>: 40/125 batches [12s]'); `done()` prints the final count."""
+
+  def __init__(self, label: str, total: Optional[int] = None, every_s: float = 10.0,
+               print_fn: Optional[Callable[[str], None]] = None):
+    self._label, self._total, self._every_s = label, total, every_s
+    self._print = print_fn or (lambda line: print(line, flush=True))
+    self._count = 0
+    self._start = self._last = time.time()
+    if jax.process_index() == 0:
+      self._print(f'{label}: starting' + (f' ({total} batches)' if total else ''))
+
+  def _line(self) -> str:
+    of = f'/{self._total}' if self._total else ''
+    return f'{self._label}: {self._count}{of} batches [{time.time() - self._start:.0f}s]'
+
+  def update(self, n: int = 1) -> None:
+    self._count += n
+    now = time.time()
+    if now - self._last >= self._every_s and jax.process_index() == 0:
+      self._last = now
+      self._print(self._line())
+
+  def done(self) -> None:
+    if jax.process_index() == 0:
+      self._print(self._line())

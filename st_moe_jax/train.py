@@ -12,6 +12,8 @@ A resume is checked against the checkpoint (BATCH_SIZE, parameter shapes) before
 """
 
 import st_moe_jax  # pylint: disable=g-bad-import-order  (first: TensorFlow's start-up lines are dropped)
+if __name__ == '__main__':  # a line within the first second: the imports below take several
+  print('st_moe_jax.train: loading JAX and TensorFlow...', flush=True)
 st_moe_jax.import_tensorflow_quietly()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -89,6 +91,10 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
   cli.check_task_fits_model(train_dataset_cfg, kind)
   if train_eval_dataset_cfg is not None and eval_period:
     cli.check_task_fits_model(train_eval_dataset_cfg, kind)
+  if jax.process_index() == 0:
+    print(f'data: {train_dataset_cfg.mixture_or_task_name!r} ({train_dataset_cfg.split}), batch '
+          f'{train_dataset_cfg.batch_size}, lengths {dict(train_dataset_cfg.task_feature_lengths or {})}; '
+          'building the pipeline...', flush=True)
   shard = data_lib.shard_info()
   train_ds = data_lib.get_dataset(train_dataset_cfg, kind, num_processes=jax.process_count(), shard=shard)
   train_data = data_lib.DataIterator(train_ds)

@@ -280,8 +280,10 @@ def _with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
 # Evaluation over many batches.
 
 def evaluate(evaluator: Evaluator, params: PyTree, batches: Iterator[Batch], batch_size: int,
-             max_batches: Optional[int] = None) -> dict[str, float]:
-  """Teacher-forced metrics over `batches` (padded to batch_size), weighted by real target tokens.
+             max_batches: Optional[int] = None,
+             progress: Optional[summaries.Progress] = None) -> dict[str, float]:
+  """Teacher-forced metrics over `batches` (padded to batch_size), weighted by real target tokens;
+  `progress` (summaries.Progress) is told of each batch.
 
   Returns:
     loss, cross_ent_loss, z_loss, accuracy (token averages), bits_per_token, bits_per_byte (cross-entropy
@@ -297,6 +299,10 @@ def evaluate(evaluator: Evaluator, params: PyTree, batches: Iterator[Batch], bat
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
     count += 1
+    if progress is not None:
+      progress.update()
+  if progress is not None:
+    progress.done()
   if not count:
     raise ValueError('The evaluation split gave no batches.')
   tokens = max(totals.pop('tokens'), 1.0)
@@ -392,6 +398,10 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
   manager = ckpt_lib.CheckpointManager(model_dir, loop.checkpoint_period, loop.keep, loop.async_checkpointing)
   first = next(train_data)
   trainer.prepare(first)
+  print_fn(summaries.startup_line(
+      type(trainer.model).__name__, sum(int(x.size) for x in jax.tree.leaves(trainer.abstract_params)),
+      trainer.mesh.shape, trainer.mesh.devices.ravel().tolist(),
+      {k: v.shape for k, v in trainer.abstract_batch.items()}))
   if start_state is not None:
     state, resumed = start_state(trainer), False
   else:
@@ -416,6 +426,8 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
   try:
     while step < loop.train_steps:
       batch = pending.pop() if pending else next(train_data)
+      if compile_s is None:
+        print_fn(f'compiling the train step (step {step + 1})...')
       state, metrics = trainer.train_step(state, batch)
       step += 1
       newly_bad = (first_bad < 0) & ~metrics['finite']
@@ -434,6 +446,8 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
         # Throughput leaves compilation out, unless this step is logged at once: then it is this step's
         # (a window of no steps read 0.00 steps/s).
         if not log_now:
+          print_fn(summaries.first_step_line(step, loop.train_steps, jax.device_get(logged), compile_s,
+                                             time.time() - start))
           tic, window_steps, window_tokens = time.time(), 0, 0.0
       # Every step, on every process (the sync point is collective); saved before any log or eval so the
       # grace period goes to the checkpoint.
@@ -538,4 +552,5 @@ def _initial_state(trainer: Trainer, manager: ckpt_lib.CheckpointManager,
              f'schedule continued from step {step}'
              + (f'; {len(missing)} new parameters initialised: {missing[:6]}' if missing else '') + '.')
     return trainer.init_state(step, restored), False
+  print_fn('initialising parameters and optimizer state...')
   return trainer.init_state(), False

@@ -171,7 +171,7 @@ class TextFilesSource(seqio.DataSource):
       return ds.map(lambda text: {'text': text})
     ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     ds = ds.interleave(lambda path: tf.data.Dataset.from_tensor_slices(segment(path)),
-                       cycle_length=FILES_READ_AT_ONCE, block_length=1, deterministic=True)
+                       cycle_length=FILES_READ_AT_ONCE, block_length=1)
     ds = ds.shuffle(SEGMENT_SHUFFLE_BUFFER, seed=None if seed is None else seed + 1,
                     reshuffle_each_iteration=True)
     return ds.map(lambda text: {'text': text})

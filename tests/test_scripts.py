@@ -57,3 +57,18 @@ def test_compare_routers_writes_table_and_plot(tmp_path):
   for r in report['results']:
     assert r['curve'] and r['curve'][-1]['step'] == 2
   assert (tmp_path / 'router_comparison.md').read_text().count('\n| ') == len(compare_routers.ROUTERS) + 1
+
+
+def test_demo_echoes_commands_a_shell_can_run():
+  """The command lines demo.py prints, pasted into bash, give the program exactly the arguments it ran with
+  (gin's inner quotes included)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('demo', os.path.join(REPO, 'scripts', 'demo.py'))
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  args = ['st_moe_jax.train', '--gin.MIXTURE_OR_TASK_NAME="stdlib_lm"', "--gin.TASK_FEATURE_LENGTHS={'targets': 256}",
+          '--gin.MODEL_DIR="/tmp/a dir/run"']
+  line = demo.command_line(args)
+  shell = subprocess.run(['bash', '-c', 'printf "%s\\n" ' + line.split(' ', 1)[1]], capture_output=True, text=True,
+                         check=True)
+  assert shell.stdout.splitlines() == ['-m', *args]
