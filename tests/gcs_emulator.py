@@ -244,6 +244,9 @@ class GcsEmulator:
                                 timeout=30) as response:
       return response.read()
 
+  def delete(self, bucket: str, name: str) -> None:
+    self._json('DELETE', f'/storage/v1/b/{bucket}/o/' + urllib.parse.quote(name, safe=''))
+
   def env(self) -> dict[str, str]:
     """Environment variables that point TensorStore and TensorFlow's GCS client at this emulator."""
     proxy = f'http://127.0.0.1:{self.proxy_port}'
