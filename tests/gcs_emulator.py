@@ -244,6 +244,12 @@ class GcsEmulator:
                                 timeout=30) as response:
       return response.read()
 
+  def upload(self, bucket: str, name: str, data: bytes) -> None:
+    query = urllib.parse.urlencode({'uploadType': 'media', 'name': name})
+    request = urllib.request.Request(f'{self.url}/upload/storage/v1/b/{bucket}/o?{query}', data=data,
+                                     method='POST', headers={'Content-Type': 'application/octet-stream'})
+    urllib.request.urlopen(request, timeout=30).read()
+
   def delete(self, bucket: str, name: str) -> None:
     self._json('DELETE', f'/storage/v1/b/{bucket}/o/' + urllib.parse.quote(name, safe=''))
 

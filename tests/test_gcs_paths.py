@@ -86,7 +86,10 @@ def test_train_resume_evaluate_infer_on_gcs(tmp_path):
     metrics = json.loads(gcs.read('bucket', 'run/eval/stdlib_lm-metrics.jsonl').decode().splitlines()[0])
     assert metrics['step'] == 6 and metrics['bits_per_byte'] > 0
     assert any(n.startswith('run/eval/eval/stdlib_lm/events.out.tfevents.') for n in objects())
-    result = run('st_moe_jax.infer', ['--gin_file=gin/runs/infer.gin', *LM, f'--gin.CHECKPOINT_PATH="{RUN}"',
+    # Inference with its run gin file read from the bucket too.
+    with open(os.path.join(REPO, 'gin/runs/infer.gin'), 'rb') as f:
+      gcs.upload('bucket', 'gin/infer.gin', f.read())
+    result = run('st_moe_jax.infer', ['--gin_file=gs://bucket/gin/infer.gin', *LM, f'--gin.CHECKPOINT_PATH="{RUN}"',
                                       f'--gin.INFER_OUTPUT_DIR="{RUN}/infer"', '--gin.MAX_BATCHES=1'])
     predictions = 'run/infer/stdlib_lm-predict.jsonl-00000-of-00001'
     assert {predictions, predictions + '.COMPLETED'} <= set(objects())
