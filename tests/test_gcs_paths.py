@@ -1,6 +1,7 @@
 """gs:// paths end to end against a local GCS (fake-gcs-server, tests/gcs_emulator.py): train with
 MODEL_DIR=gs://bucket/run, resume it past a corrupt latest checkpoint (moved aside in the bucket), evaluate
-and infer from it. Every file must land in the bucket, none in a local folder named `gs:`.
+and infer from it; a missing bucket is a one-line error. Every file must land in the bucket, none in a local
+folder named `gs:`.
 
 Each client is pointed at the emulator (see tests/gcs_emulator.py): TensorStore by TENSORSTORE_GCS_HTTP_URL,
 google-cloud-storage (orbax's bucket lookup) by STORAGE_EMULATOR_HOST, and TensorFlow's GCS file system
@@ -29,6 +30,10 @@ LM = ['--gin_file=gin/models/st_moe_tiny.gin', '--gin_file=gin/runs/decoder_only
 RUN = 'gs://bucket/run'
 
 
+def _without(argv, prefix):
+  return [a for a in argv if not a.startswith(prefix)]
+
+
 def train_args(steps: int) -> list[str]:
   return ['--gin_file=gin/runs/pretrain.gin', *LM, f'--gin.MODEL_DIR="{RUN}"', f'--gin.TRAIN_STEPS={steps}',
           '--gin.LOG_PERIOD=1', '--gin.EVAL_PERIOD=2', '--gin.EVAL_STEPS=1', '--gin.CHECKPOINT_PERIOD=2']
@@ -52,6 +57,15 @@ def test_train_resume_evaluate_infer_on_gcs(tmp_path):
 
     def objects():
       return gcs.list('bucket', 'run/')
+
+    # A mistyped bucket: one line naming it, at once (TensorFlow's own recursive create would ask forever).
+    argv = [*_without(train_args(2), '--gin.MODEL_DIR='), '--gin.MODEL_DIR="gs://no-such-bucket/run"']
+    result = subprocess.run([sys.executable, '-m', 'st_moe_jax.train', f'--gin_search_paths={REPO}', *argv],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert ('MODEL_DIR gs://no-such-bucket/run is not writable: gs://no-such-bucket/ does not exist'
+            in result.stderr), result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
 
     # Train 4 steps: checkpoint_2 and checkpoint_4, the config files, model-info.txt and TensorBoard events,
     # all in the bucket.
@@ -89,8 +103,9 @@ def test_train_resume_evaluate_infer_on_gcs(tmp_path):
     # Inference with its run gin file read from the bucket too.
     with open(os.path.join(REPO, 'gin/runs/infer.gin'), 'rb') as f:
       gcs.upload('bucket', 'gin/infer.gin', f.read())
-    result = run('st_moe_jax.infer', ['--gin_file=gs://bucket/gin/infer.gin', *LM, f'--gin.CHECKPOINT_PATH="{RUN}"',
-                                      f'--gin.INFER_OUTPUT_DIR="{RUN}/infer"', '--gin.MAX_BATCHES=1'])
+    result = run('st_moe_jax.infer', ['--gin_file=gs://bucket/gin/infer.gin', *LM,
+                                      f'--gin.CHECKPOINT_PATH="{RUN}"', f'--gin.INFER_OUTPUT_DIR="{RUN}/infer"',
+                                      '--gin.MAX_BATCHES=1'])
     predictions = 'run/infer/stdlib_lm-predict.jsonl-00000-of-00001'
     assert {predictions, predictions + '.COMPLETED'} <= set(objects())
     records = gcs.read('bucket', predictions).decode().splitlines()
