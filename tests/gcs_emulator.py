@@ -113,8 +113,10 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
   def _forward(self):
     url = urllib.parse.urlsplit(self.path)
     host = url.hostname or self.headers.get('Host', '').split(':')[0]
+    agent = self.headers.get('User-Agent', '').split('/')[0].split(' ')[0]
     with self.server.lock:
       self.server.requests[host] = self.server.requests.get(host, 0) + 1
+      self.server.agents[agent] = self.server.agents.get(agent, 0) + 1
     if os.environ.get('GCS_PROXY_DEBUG'):
       print('PROXY>', self.command, host, self.path, file=sys.stderr, flush=True)
     path = (url.path or '/') + (f'?{url.query}' if url.query else '')
@@ -160,6 +162,7 @@ class _Proxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
     super().__init__(('127.0.0.1', port), _ProxyHandler)
     self.emulator_port = emulator_port
     self.requests: dict[str, int] = {}  # host → requests forwarded (TensorFlow's client comes this way)
+    self.agents: dict[str, int] = {}  # User-Agent product → requests forwarded
     self.lock = threading.Lock()
     self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     self.tls.load_cert_chain(cert, key)
@@ -218,6 +221,11 @@ class GcsEmulator:
     """{host: count} of the requests that came through the proxy (TensorFlow's GCS client)."""
     with self._proxy.lock:
       return dict(self._proxy.requests)
+
+  def proxied_agents(self) -> dict[str, int]:
+    """{User-Agent product: count} of the requests that came through the proxy ('TSL': TensorFlow)."""
+    with self._proxy.lock:
+      return dict(self._proxy.agents)
 
   def log(self) -> str:
     with open(os.path.join(self._tmp.name, 'emulator.log'), errors='replace') as f:

@@ -114,6 +114,9 @@ def test_train_resume_evaluate_infer_on_gcs(tmp_path):
     # TensorFlow's client really went through the proxy to the emulator (JSON API and downloads).
     proxied = gcs.proxied_requests()
     assert proxied.get('www.googleapis.com', 0) > 0 and proxied.get('storage.googleapis.com', 0) > 0, proxied
+    # Only TensorFlow ('TSL') came that way: TensorStore's chunks and google-cloud-storage's bucket lookup
+    # reached the emulator directly, through TENSORSTORE_GCS_HTTP_URL and STORAGE_EMULATOR_HOST.
+    assert set(gcs.proxied_agents()) == {'TSL'}, gcs.proxied_agents()
 
   # Nothing went to a local folder named `gs:`.
   assert os.listdir(cwd) == []
