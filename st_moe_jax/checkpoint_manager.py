@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from st_moe_jax import data as data_lib
+from st_moe_jax import fileio
 
 PyTree = Any
 STEP_PREFIX = 'checkpoint'
@@ -77,15 +78,16 @@ class DatasetHandler(ocp.CheckpointHandler):
   """Saves / restores this process's DataIterator in the checkpoint's `dataset/` directory."""
 
   def _prefix(self, directory: epath.Path) -> str:
-    return os.fspath(directory / data_lib.process_checkpoint_name(jax.process_index(), jax.process_count()))
+    return fileio.join(os.fspath(directory),
+                       data_lib.process_checkpoint_name(jax.process_index(), jax.process_count()))
 
   def save(self, directory: epath.Path, args: 'DatasetArgs') -> None:
     args.iterator.save(self._prefix(directory))
 
   def restore(self, directory: epath.Path, args: 'DatasetArgs') -> data_lib.DataIterator:
     prefix = self._prefix(directory)
-    if not os.path.exists(prefix + '.index'):
-      if not any(name.endswith('.index') for name in os.listdir(directory)):
+    if not fileio.exists(prefix + '.index'):
+      if not any(name.endswith('.index') for name in fileio.listdir(os.fspath(directory))):
         raise FileNotFoundError(f'{prefix}.index is missing')  # damaged: CheckpointCorruptError
       raise ProcessCountError(f'{directory} holds no data iterator state for process {jax.process_index()} '
                               f'of {jax.process_count()} (was the run saved with another process count?).')
@@ -175,7 +177,7 @@ class CheckpointManager:
         save_interval_steps=1, max_to_keep=keep, step_prefix=STEP_PREFIX,
         enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(
-        epath.Path(model_dir).absolute(), options=options,
+        epath.Path(fileio.absolute(model_dir)), options=options,
         item_handlers={'params': ocp.PyTreeCheckpointHandler(), 'opt_state': ocp.PyTreeCheckpointHandler(),
                        'dataset': DatasetHandler()})
     self.directory = os.fspath(self._manager.directory)
@@ -205,9 +207,9 @@ class CheckpointManager:
     checkpoint = f'{self.directory}/{STEP_PREFIX}_{step}'
     # Without its tree metadata an item reads as empty, which would look like a model of another shape.
     for item in ('params',) if abstract_opt_state is None else ('params', 'opt_state'):
-      if not os.path.exists(os.path.join(checkpoint, item, '_METADATA')):
+      if not fileio.exists(fileio.join(checkpoint, item, '_METADATA')):
         raise CheckpointCorruptError(step, f'{checkpoint}/{item}/_METADATA is missing')
-    problems = _shape_problems(os.path.join(checkpoint, 'params'), abstract_params, 'parameters')
+    problems = _shape_problems(fileio.join(checkpoint, 'params'), abstract_params, 'parameters')
     if problems:
       raise CheckpointShapeError(
           f'The checkpoint {checkpoint} was written by a model of another shape: {problems}\nUse the model '
@@ -215,7 +217,7 @@ class CheckpointManager:
           'MODEL_DIR.')
     if abstract_opt_state is None:
       return
-    problems = _shape_problems(os.path.join(checkpoint, 'opt_state'), abstract_opt_state,
+    problems = _shape_problems(fileio.join(checkpoint, 'opt_state'), abstract_opt_state,
                                'optimizer-state entries')
     if problems:
       raise CheckpointShapeError(
@@ -248,10 +250,10 @@ class CheckpointManager:
   def move_aside(self, step: int) -> str:
     """Renames checkpoint_<step> to checkpoint_<step>.corrupt-<UTC time> (never deletes it: the user may
     want to inspect or repair it) and makes orbax forget the step; returns the new path."""
-    source = os.path.join(self.directory, f'{STEP_PREFIX}_{step}')
+    source = fileio.join(self.directory, f'{STEP_PREFIX}_{step}')
     target = f'{source}.corrupt-{time.strftime("%Y%m%dT%H%M%S", time.gmtime())}'
     if jax.process_index() == 0:
-      os.rename(source, target)
+      fileio.rename(source, target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f'move_aside_{step}')
@@ -280,18 +282,18 @@ def _pytree_restore(abstract: PyTree, partial: bool = False) -> ocp.args.PyTreeR
 
 def resolve_checkpoint_dir(path: str) -> str:
   """A checkpoint_<step> directory: `path` itself, or the latest one inside a MODEL_DIR."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = fileio.absolute(path)
+  if not fileio.isdir(path):
     raise FileNotFoundError(f'Checkpoint path {path} does not exist (INITIAL_CHECKPOINT_PATH / '
                             'CHECKPOINT_PATH must name a checkpoint_<step> directory or a MODEL_DIR).')
-  if os.path.isdir(os.path.join(path, 'params')):
+  if fileio.isdir(fileio.join(path, 'params')):
     return path
-  steps = [int(m.group(1)) for name in os.listdir(path)
-           if (m := re.fullmatch(rf'{STEP_PREFIX}_(\d+)', name)) and os.path.isdir(os.path.join(path, name))]
+  steps = [int(m.group(1)) for name in fileio.listdir(path)
+           if (m := re.fullmatch(rf'{STEP_PREFIX}_(\d+)', name)) and fileio.isdir(fileio.join(path, name))]
   if not steps:
     raise FileNotFoundError(f'No {STEP_PREFIX}_<step> directory in {path}; INITIAL_CHECKPOINT_PATH / '
                             'CHECKPOINT_PATH must name a checkpoint or a MODEL_DIR holding checkpoints.')
-  return os.path.join(path, f'{STEP_PREFIX}_{max(steps)}')
+  return fileio.join(path, f'{STEP_PREFIX}_{max(steps)}')
 
 
 def latest_checkpoint_step(model_dir: str) -> Optional[int]:
@@ -324,7 +326,7 @@ def restore_params(path: str, abstract_params: PyTree, *, partial: bool = False
     CheckpointShapeError naming the mismatched parameters.
   """
   directory = resolve_checkpoint_dir(path)
-  saved = saved_param_shapes(os.path.join(directory, 'params'))
+  saved = saved_param_shapes(fileio.join(directory, 'params'))
   mismatched, missing, extra = shape_differences(saved, abstract_params)
   if mismatched or (not partial and (missing or extra)):
     raise CheckpointShapeError(
@@ -340,7 +342,7 @@ def restore_params(path: str, abstract_params: PyTree, *, partial: bool = False
     missing_set = set(missing)
     target = _subtree(abstract_params, lambda p: p not in missing_set)
   restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(directory, 'params'), args=_pytree_restore(target, partial=partial))
+      fileio.join(directory, 'params'), args=_pytree_restore(target, partial=partial))
   return restored, missing
 
 

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import gin
@@ -23,6 +22,7 @@ import gin
 from st_moe_jax import checkpoint_manager as ckpt_lib
 from st_moe_jax import config as config_lib
 from st_moe_jax import data as data_lib
+from st_moe_jax import fileio
 from st_moe_jax import gin_setup  # pylint: disable=unused-import  (the registrations gin files name)
 from st_moe_jax import models
 from st_moe_jax import partitioning
@@ -122,6 +122,14 @@ _FILE_MACROS: set[str] = set()
 
 def _defined_macros_from_files() -> set[str]:
   return _FILE_MACROS
+
+
+def _remote_gin_file(path: str) -> bool:
+  return fileio.is_remote(path) and fileio.exists(path)
+
+
+# gin reads a --gin_file=gs://... (and its includes) through the path layer.
+gin.config.register_file_reader(fileio.open, _remote_gin_file)
 
 
 def parse_gin(flags: argparse.Namespace) -> None:
@@ -230,11 +238,11 @@ def check_required_macros() -> None:
 
 def _resolve(path: str, search_paths: str) -> str:
   """A relative --gin_file is looked up under each --gin_search_paths folder (first hit wins)."""
-  if os.path.isabs(path) or os.path.exists(path):
+  if os.path.isabs(path) or fileio.is_remote(path) or fileio.exists(path):
     return path
   for root in search_paths.split(','):
-    candidate = os.path.join(root, path)
-    if os.path.exists(candidate):
+    candidate = fileio.join(root, path)
+    if fileio.exists(candidate):
       return candidate
   raise UserError(f'gin file {path!r} not found (searched {search_paths!r}; set --gin_search_paths).')
 
@@ -398,13 +406,16 @@ def check_writable(path: str, macro: str) -> None:
   """Creates the output folder if missing and writes (then removes) a probe file in it, so that a
   read-only or impossible folder is found before the work whose results would go there, not after."""
   try:
-    os.makedirs(path, exist_ok=True)
+    fileio.makedirs(path)
     # A uniquely named probe: every process of a multi-host run may check the same folder at once.
-    with tempfile.NamedTemporaryFile(dir=path, prefix='.write-check-') as f:
-      f.write(b'x')
-      f.flush()
-  except OSError as e:
-    reason = e.strerror or str(e)
-    where = f' ({e.filename})' if e.filename and os.path.abspath(e.filename) != os.path.abspath(path) else ''
+    with fileio.probe_file(path):
+      pass
+  except Exception as e:  # pylint: disable=broad-except  (gs:// errors come from TensorFlow's GCS client)
+    if not isinstance(e, OSError) and not fileio.is_remote(path):
+      raise
+    message = str(e).strip()
+    reason = getattr(e, 'strerror', None) or (message.splitlines()[0][:300] if message else type(e).__name__)
+    filename = getattr(e, 'filename', None)
+    where = (f' ({filename})' if filename and fileio.absolute(filename) != fileio.absolute(path) else '')
     raise UserError(f'{macro} {path} is not writable: {reason}{where}. Check the path and its permissions '
                     f'(and free disk space), or set --gin.{macro} to a writable folder.') from e

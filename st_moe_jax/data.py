@@ -13,12 +13,13 @@ Token id 0 is padding everywhere (seqio).
 
 import dataclasses
 import logging
-import os
 from typing import Iterator, Mapping, Optional
 
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from st_moe_jax import fileio
 
 # TF must not take accelerator memory from JAX; the input pipeline runs on the host CPU.
 tf.config.set_visible_devices([], 'GPU')
@@ -177,7 +178,7 @@ class DataIterator:
 
   def save(self, path: str) -> None:
     """Writes the iterator state to files with prefix `path` (path.index, path.data-*)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fileio.makedirs(fileio.dirname(path))
     self._checkpoint.write(path)
 
   def restore(self, path: str) -> None:

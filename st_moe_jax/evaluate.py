@@ -27,7 +27,6 @@ st_moe_jax.import_tensorflow_quietly()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import json
-import os
 from typing import Any, Mapping, Optional, Sequence
 
 import gin
@@ -38,6 +37,7 @@ from st_moe_jax import checkpoint_manager as ckpt_lib
 from st_moe_jax import cli
 from st_moe_jax import data as data_lib
 from st_moe_jax import decoding
+from st_moe_jax import fileio
 from st_moe_jax import summaries
 from st_moe_jax import trainer as trainer_lib
 
@@ -118,10 +118,10 @@ def teacher_forced(evaluator, params, cfg: data_lib.DatasetConfig, step: int, ev
   progress = summaries.Progress(f'evaluating {name} ({cfg.split})', eval_steps, print_fn=print_fn)
   results = trainer_lib.evaluate(evaluator, params, batches, rows, eval_steps, progress)
   if jax.process_index() == 0:
-    os.makedirs(eval_output_dir, exist_ok=True)
-    with open(os.path.join(eval_output_dir, f'{name}-metrics.jsonl'), 'a') as f:
+    fileio.makedirs(eval_output_dir)
+    with fileio.open(fileio.join(eval_output_dir, f'{name}-metrics.jsonl'), 'a') as f:
       f.write(json.dumps({'step': step, 'split': cfg.split, **results}) + '\n')
-    summaries.write_scalars(os.path.join(eval_output_dir, 'eval', name), step,
+    summaries.write_scalars(fileio.join(eval_output_dir, 'eval', name), step,
                             {k: v for k, v in results.items() if not k.startswith('layer/')})
   print_fn(format_results(name, cfg.split, step, results))
   return results
@@ -244,15 +244,15 @@ def inference_eval_task(evaluator, params, task, cfg: data_lib.DatasetConfig, st
 
 def write_inference_eval(eval_output_dir: str, name: str, step: int, metrics: Mapping[str, float],
                          records: Sequence[dict], targets: Sequence, processed: Sequence) -> None:
-  directory = os.path.join(eval_output_dir, 'inference_eval')
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, f'{name}-metrics.jsonl'), 'a') as f:
+  directory = fileio.join(eval_output_dir, 'inference_eval')
+  fileio.makedirs(directory)
+  with fileio.open(fileio.join(directory, f'{name}-metrics.jsonl'), 'a') as f:
     f.write(json.dumps({'step': step, **metrics}) + '\n')
-  with open(os.path.join(directory, f'{name}-{step:06d}.jsonl'), 'w', encoding='utf-8') as f:
+  with fileio.open(fileio.join(directory, f'{name}-{step:06d}.jsonl'), 'w', encoding='utf-8') as f:
     for record, target, prediction in zip(records, targets, processed):
       f.write(json.dumps({**record, 'target_postprocessed': _jsonable(target),
                           'prediction_postprocessed': _jsonable(prediction)}) + '\n')
-  summaries.write_scalars(os.path.join(directory, name), step, {f'eval/{k}': v for k, v in metrics.items()})
+  summaries.write_scalars(fileio.join(directory, name), step, {f'eval/{k}': v for k, v in metrics.items()})
 
 
 def format_results(name: str, split: str, step: int, results: dict[str, float]) -> str:

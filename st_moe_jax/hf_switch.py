@@ -15,7 +15,6 @@ HF Switch semantics and how they map onto ours (checked against `transformers`' 
 
 import dataclasses
 import json
-import os
 from typing import Any, Mapping, Optional, Union
 
 import flax.linen as nn
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from st_moe_jax import fileio
 from st_moe_jax import models
 
 Params = dict[str, Any]
@@ -217,20 +217,25 @@ def _init_params(model: models.EncoderDecoder) -> Params:
 
 def load_hf_state_dict(path: str) -> dict[str, Any]:
   """Tensors of a `save_pretrained` directory: safetensors (single or sharded) or pytorch_model.bin."""
-  single = os.path.join(path, 'model.safetensors')
-  index = os.path.join(path, 'model.safetensors.index.json')
-  if os.path.exists(single) or os.path.exists(index):
-    from safetensors.numpy import load_file
-    files = ([single] if os.path.exists(single) else
-             sorted({os.path.join(path, f) for f in json.load(open(index))['weight_map'].values()}))
+  single = fileio.join(path, 'model.safetensors')
+  index = fileio.join(path, 'model.safetensors.index.json')
+  if fileio.exists(single) or fileio.exists(index):
+    from safetensors.numpy import load, load_file
+    files = ([single] if fileio.exists(single) else
+             sorted({fileio.join(path, f) for f in json.loads(fileio.read_text(index))['weight_map'].values()}))
     state: dict[str, Any] = {}
     for f in files:
-      state.update(load_file(f))
+      if fileio.is_remote(f):
+        with fileio.open(f, 'rb') as stream:
+          state.update(load(stream.read()))
+      else:
+        state.update(load_file(f))
     return state
-  binary = os.path.join(path, 'pytorch_model.bin')
-  if os.path.exists(binary):
+  binary = fileio.join(path, 'pytorch_model.bin')
+  if fileio.exists(binary):
     import torch
-    return torch.load(binary, map_location='cpu', weights_only=True)
+    with fileio.open(binary, 'rb') as stream:
+      return torch.load(stream, map_location='cpu', weights_only=True)
   raise FileNotFoundError(f'No model.safetensors(.index.json) or pytorch_model.bin in {path!r}; pass a '
                           f'directory written by save_pretrained.')
 
@@ -249,8 +254,7 @@ def import_hf_switch(path_or_state_dict: Union[str, Mapping[str, Any]],
   """
   if isinstance(path_or_state_dict, str):
     if config is None:
-      with open(os.path.join(path_or_state_dict, 'config.json')) as f:
-        config = json.load(f)
+      config = json.loads(fileio.read_text(fileio.join(path_or_state_dict, 'config.json')))
     state_dict = load_hf_state_dict(path_or_state_dict)
   else:
     if config is None:
@@ -281,14 +285,13 @@ def model_gin(model: models.EncoderDecoder) -> str:
 def save_params(params: Params, directory: str, model: Optional[models.EncoderDecoder] = None) -> None:
   """Writes params as an orbax PyTree checkpoint under directory/params (+ model.gin if model given)."""
   import orbax.checkpoint as ocp
-  os.makedirs(directory, exist_ok=True)
-  ocp.PyTreeCheckpointer().save(os.path.abspath(os.path.join(directory, 'params')), params, force=True)
+  fileio.makedirs(directory)
+  ocp.PyTreeCheckpointer().save(fileio.absolute(fileio.join(directory, 'params')), params, force=True)
   if model is not None:
-    with open(os.path.join(directory, 'model.gin'), 'w') as f:
-      f.write(model_gin(model))
+    fileio.write_text(fileio.join(directory, 'model.gin'), model_gin(model))
 
 
 def restore_params(directory: str) -> Params:
   """Reads params written by `save_params`."""
   import orbax.checkpoint as ocp
-  return ocp.PyTreeCheckpointer().restore(os.path.abspath(os.path.join(directory, 'params')))
+  return ocp.PyTreeCheckpointer().restore(fileio.absolute(fileio.join(directory, 'params')))

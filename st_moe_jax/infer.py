@@ -24,7 +24,6 @@ st_moe_jax.import_tensorflow_quietly()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import json
-import os
 from typing import Any, Optional
 
 import gin
@@ -35,6 +34,7 @@ from st_moe_jax import cli
 from st_moe_jax import data as data_lib
 from st_moe_jax import decoding
 from st_moe_jax import evaluate as evaluate_lib
+from st_moe_jax import fileio
 from st_moe_jax import summaries
 
 
@@ -60,7 +60,7 @@ def infer(*, model: Any = gin.REQUIRED, checkpoint_path: Optional[str] = gin.REQ
                                                             output_dir=('INFER_OUTPUT_DIR', infer_output_dir))
   suffix = f'-predict.jsonl-{shard_id:05d}-of-{num_shards:05d}'
   if evaluator.kind != data_lib.ENCODER_DECODER:
-    path = os.path.join(infer_output_dir, dataset_cfg.mixture_or_task_name + suffix)
+    path = fileio.join(infer_output_dir, dataset_cfg.mixture_or_task_name + suffix)
     return [_infer_decoder_only(evaluator, params, dataset_cfg, path, max_batches, method)]
   paths = []
   for task, cfg in zip(tasks, cfgs):
@@ -69,17 +69,17 @@ def infer(*, model: Any = gin.REQUIRED, checkpoint_path: Optional[str] = gin.REQ
     records = evaluate_lib.prediction_records(task, examples, predictions)
     for record, toks in zip(records, tokens):
       record['prediction_tokens'] = [int(t) for t in toks]
-    paths.append(_write_jsonl(os.path.join(infer_output_dir, task.name + suffix), records))
+    paths.append(_write_jsonl(fileio.join(infer_output_dir, task.name + suffix), records))
     if write_submissions and _has_submission_file(task.name):
       paths.append(_write_submission(infer_output_dir, task.name, examples, predictions, cfg.split))
   return paths
 
 
 def _write_jsonl(path: str, records) -> str:
-  with open(path, 'w', encoding='utf-8') as f:
+  with fileio.open(path, 'w', encoding='utf-8') as f:
     for record in records:
       f.write(json.dumps(record) + '\n')
-  open(path + '.COMPLETED', 'w').close()
+  fileio.write_text(path + '.COMPLETED', '')
   print(f'Wrote predictions to {path}', flush=True)
   return path
 

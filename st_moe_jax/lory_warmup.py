@@ -6,7 +6,6 @@ FFN into every expert, draw a random router, and train the Lory model from step 
 """
 
 import dataclasses
-import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -14,6 +13,7 @@ import jax
 from st_moe_jax import checkpoint_manager as ckpt_lib
 from st_moe_jax import cli
 from st_moe_jax import data as data_lib
+from st_moe_jax import fileio
 from st_moe_jax import lory as lory_lib
 from st_moe_jax import models
 from st_moe_jax import partitioning
@@ -88,7 +88,7 @@ def upcycle_train_state(dense_params: Any, trainer: trainer_lib.Trainer, warmup:
 
 def _holds_lory_model(checkpoint_dir: str, warmup: DenseWarmup) -> bool:
   """Whether a checkpoint's parameters are the Lory model's (a router in a Lory layer) or the dense one's."""
-  saved = ckpt_lib.flat_paths(ckpt_lib.saved_param_shapes(os.path.join(checkpoint_dir, 'params')))
+  saved = ckpt_lib.flat_paths(ckpt_lib.saved_param_shapes(fileio.join(checkpoint_dir, 'params')))
   prefixes = tuple(f'decoder/layers_{i}/mlp/router/' for i in warmup.layer_indices)
   return any(path.startswith(prefixes) for path in saved)
 
@@ -107,7 +107,7 @@ def fit_with_dense_warmup(dense_trainer: trainer_lib.Trainer, lory_trainer: trai
   """
   print_fn = print_fn or (lambda line: print(line, flush=True))
   latest = ckpt_lib.latest_checkpoint_step(model_dir)
-  if latest is not None and _holds_lory_model(os.path.join(model_dir, f'checkpoint_{latest}'), warmup):
+  if latest is not None and _holds_lory_model(fileio.join(model_dir, f'checkpoint_{latest}'), warmup):
     return trainer_lib.fit(lory_trainer, model_dir, train_data, loop, print_fn=print_fn, **fit_kwargs)
   dense_steps = max(warmup.steps, latest or 0)
   print_fn(f'Lory dense warm-up: the dense model trains to step {dense_steps}, then its FFN is copied into '

@@ -18,7 +18,6 @@ st_moe_jax.import_tensorflow_quietly()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
-import os
 import re
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,6 +26,7 @@ import gin
 from st_moe_jax import checkpoint_manager as ckpt_lib
 from st_moe_jax import cli
 from st_moe_jax import data as data_lib
+from st_moe_jax import fileio
 from st_moe_jax import gin_setup
 from st_moe_jax import losses
 from st_moe_jax import lory_warmup
@@ -148,10 +148,10 @@ _HISTORY = re.compile(r'config-(\d+)(?:-(\d+))?\.gin')
 def history_configs(model_dir: str) -> list[tuple[int, int, str]]:
   """(start step, n, path) of MODEL_DIR's config-<step>.gin / config-<step>-<n>.gin files, oldest first."""
   found = []
-  for name in os.listdir(model_dir) if os.path.isdir(model_dir) else []:
+  for name in fileio.listdir(model_dir) if fileio.isdir(model_dir) else []:
     m = _HISTORY.fullmatch(name)
     if m:
-      found.append((int(m.group(1)), int(m.group(2) or 1), os.path.join(model_dir, name)))
+      found.append((int(m.group(1)), int(m.group(2) or 1), fileio.join(model_dir, name)))
   return sorted(found)
 
 
@@ -166,20 +166,18 @@ def write_config(model_dir: str, text: str, start_step: Optional[int] = None) ->
     return
   if start_step is not None:
     taken = {path for _, _, path in history_configs(model_dir)}
-    path, n = os.path.join(model_dir, f'config-{start_step}.gin'), 1
-    while path in taken or os.path.exists(path):
+    path, n = fileio.join(model_dir, f'config-{start_step}.gin'), 1
+    while path in taken or fileio.exists(path):
       n += 1
-      path = os.path.join(model_dir, f'config-{start_step}-{n}.gin')
-    with open(path, 'x') as f:  # 'x': fails rather than overwrite
+      path = fileio.join(model_dir, f'config-{start_step}-{n}.gin')
+    with fileio.open(path, 'x') as f:  # 'x': fails rather than overwrite
       f.write(text)
-  with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
-    f.write(text)
+  fileio.write_text(fileio.join(model_dir, 'config.gin'), text)
 
 
 def _recorded_batch_size(path: str) -> Optional[int]:
   """The training batch size a saved config file binds (directly or through a macro); None if unclear."""
-  with open(path) as f:
-    text = f.read()
+  text = fileio.read_text(path)
   m = re.search(r'^train/\S*DatasetConfig\.batch_size\s*=\s*(\S+)\s*$', text, re.MULTILINE)
   if not m:
     return None
@@ -196,8 +194,8 @@ def check_resume_batch_size(model_dir: str, step: int, batch_size: int) -> None:
   # The config of the newest run that started at or before the checkpoint's step; config.gin for a
   # MODEL_DIR written before the history files.
   older = [path for start, _, path in history_configs(model_dir) if start <= step]
-  path = older[-1] if older else os.path.join(model_dir, 'config.gin')
-  if not os.path.exists(path):
+  path = older[-1] if older else fileio.join(model_dir, 'config.gin')
+  if not fileio.exists(path):
     return
   recorded = _recorded_batch_size(path)
   if recorded is not None and recorded != batch_size:
@@ -229,7 +227,7 @@ def write_model_info(model_dir: str, trainer: trainer_lib.Evaluator) -> None:
     return
   shapes = ckpt_lib.flat_paths(trainer.abstract_params)
   axes = ckpt_lib.flat_paths(trainer.logical_axes)
-  with open(os.path.join(model_dir, 'model-info.txt'), 'w') as f:
+  with fileio.open(fileio.join(model_dir, 'model-info.txt'), 'w') as f:
     f.write(f'mesh {dict(trainer.mesh.shape)}\n')
     total = 0
     for path, leaf in shapes.items():

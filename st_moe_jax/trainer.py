@@ -17,7 +17,6 @@ Batches are dicts of <int32>[B, L] arrays from data.py (B = BATCH_SIZE over all 
 import dataclasses
 import functools
 import math
-import os
 import signal
 import threading
 import time
@@ -32,6 +31,7 @@ import optax
 
 from st_moe_jax import checkpoint_manager as ckpt_lib
 from st_moe_jax import data as data_lib
+from st_moe_jax import fileio
 from st_moe_jax import losses
 from st_moe_jax import optim
 from st_moe_jax import partitioning
@@ -413,8 +413,8 @@ def _fit(trainer: Trainer, model_dir: str, train_data: data_lib.DataIterator, lo
     print_fn(f'{model_dir} is already at step {int(state.step)} >= TRAIN_STEPS={loop.train_steps}.')
     manager.close()
     return state
-  train_writer = summaries.SummaryWriter(os.path.join(model_dir, 'train'))
-  eval_writer = (summaries.SummaryWriter(os.path.join(model_dir, 'training_eval', eval_name))
+  train_writer = summaries.SummaryWriter(fileio.join(model_dir, 'train'))
+  eval_writer = (summaries.SummaryWriter(fileio.join(model_dir, 'training_eval', eval_name))
                  if eval_data else None)
   first_bad = jnp.asarray(-1, jnp.int32)  # the first step whose loss was not finite, kept on device
   bad_values = None  # that step's `nonfinite` flags, kept on device too
@@ -533,7 +533,7 @@ def _initial_state(trainer: Trainer, manager: ckpt_lib.CheckpointManager,
     except ckpt_lib.CheckpointCorruptError as e:
       aside = manager.move_aside(latest)
       corrupt.append(f'{e} (moved to {aside})')
-      print_fn(f'WARNING: {e}; moved it to {os.path.basename(aside)} and trying the previous checkpoint.')
+      print_fn(f'WARNING: {e}; moved it to {fileio.basename(aside)} and trying the previous checkpoint.')
       continue
     print_fn(f'Resumed from {manager.directory}/checkpoint_{latest}.')
     step = jax.device_put(np.int32(latest), trainer.state_shardings.step)

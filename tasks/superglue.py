@@ -25,6 +25,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from st_moe_jax import fileio
 from tasks import common
 from tasks import superglue_metrics as metrics
 
@@ -612,9 +613,9 @@ def submission_filename(task: str) -> str:
 def write_submission(output_dir: str, task: str, examples: Sequence[Mapping[str, Any]],
                      predictions: Sequence[str]) -> str:
   """Writes `<output_dir>/<BoolQ.jsonl ...>` for `task`; returns its path."""
-  os.makedirs(output_dir, exist_ok=True)
-  path = os.path.join(output_dir, submission_filename(task))
-  with open(path, 'w', encoding='utf-8') as f:
+  fileio.makedirs(output_dir)
+  path = fileio.join(output_dir, submission_filename(task))
+  with fileio.open(path, 'w', encoding='utf-8') as f:
     for record in submission_records(task, examples, predictions):
       f.write(json.dumps(record) + '\n')
   return path
