@@ -38,13 +38,26 @@ MACROS = {'sparse_layout': 'ENCODER_SPARSE_LAYOUT / DECODER_SPARSE_LAYOUT', 'moe
           'router': 'ROUTER', 'routing_method': 'ENCODER_ROUTING_METHOD', 'dispatch_method': 'DISPATCH_METHOD',
           'grouped_matmul_method': 'GROUPED_MATMUL_METHOD', 'recurrent_router_cell': 'RECURRENT_ROUTER_CELL',
           'recurrent_router_state': 'RECURRENT_ROUTER_STATE', 'lory_first_segment': 'LORY_FIRST_SEGMENT',
-          'lory_inference_routing': 'LORY_INFERENCE_ROUTING'}
+          'lory_inference_routing': 'LORY_INFERENCE_ROUTING', 'vocab_size': 'NUM_EMBEDDINGS',
+          'embed_dim': 'EMBED_DIM', 'num_heads': 'NUM_HEADS', 'head_dim': 'HEAD_DIM', 'mlp_dim': 'MLP_DIM',
+          'num_encoder_layers': 'NUM_ENCODER_LAYERS', 'num_decoder_layers': 'NUM_DECODER_LAYERS',
+          'dropout_rate': 'DROPOUT_RATE', 'num_experts': 'NUM_EXPERTS', 'expert_mlp_dim': 'EXPERT_MLP_DIM',
+          'num_selected_experts': 'NUM_SELECTED_EXPERTS', 'min_expert_capacity': 'MIN_EXPERT_CAPACITY',
+          'group_size': 'GROUP_SIZE', 'num_expert_replicas': 'NUM_EXPERT_REPLICAS',
+          'dropless_tile_size': 'DROPLESS_TILE_SIZE',
+          'train_capacity_factor': 'TRAIN_EXPERT_CAPACITY_FACTOR',
+          'eval_capacity_factor': 'EVAL_EXPERT_CAPACITY_FACTOR', 'jitter_noise': 'JITTER_NOISE',
+          'expert_dropout_rate': 'EXPERT_DROPOUT_RATE',
+          'num_sparse_layers': 'NUM_ENCODER_SPARSE_LAYERS / NUM_DECODER_SPARSE_LAYERS'}
+
+
+def _gin(name: str) -> str:
+  return f' (gin: {MACROS[name]})' if name in MACROS else ''
 
 
 def _check_choice(owner: str, name: str, value: Any, allowed: tuple) -> None:
   if value not in allowed:
-    macro = f' (gin: {MACROS[name]})' if name in MACROS else ''
-    raise ConfigError(f'{owner}.{name} must be one of {allowed}, got {value!r}{macro}.')
+    raise ConfigError(f'{owner}.{name} must be one of {allowed}, got {value!r}{_gin(name)}.')
 
 
 def _check_activations(owner: str, name: str, activations: tuple[str, ...]) -> None:
@@ -93,12 +106,12 @@ class TransformerConfig:
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
     for name in ('vocab_size', 'embed_dim', 'num_heads', 'head_dim', 'mlp_dim'):
       if getattr(self, name) < 1:
-        raise ConfigError(f'TransformerConfig.{name} must be >= 1, got {getattr(self, name)}.')
+        raise ConfigError(f'TransformerConfig.{name} must be >= 1, got {getattr(self, name)}{_gin(name)}.')
     for name in ('num_encoder_layers', 'num_decoder_layers'):
       if getattr(self, name) < 0:
-        raise ConfigError(f'TransformerConfig.{name} must be >= 0, got {getattr(self, name)}.')
+        raise ConfigError(f'TransformerConfig.{name} must be >= 0, got {getattr(self, name)}{_gin(name)}.')
     if not 0 <= self.dropout_rate < 1:
-      raise ConfigError(f'TransformerConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}.')
+      raise ConfigError(f'TransformerConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}{_gin("dropout_rate")}.')
     _check_activations('TransformerConfig', 'activations', self.activations)
 
 
@@ -214,18 +227,18 @@ class MoeConfig:
                      if getattr(self, name) is not None]
     for name in at_least_one:
       if getattr(self, name) < 1:
-        raise ConfigError(f'MoeConfig.{name} must be >= 1, got {getattr(self, name)}.')
+        raise ConfigError(f'MoeConfig.{name} must be >= 1, got {getattr(self, name)}{_gin(name)}.')
     if self.num_sparse_layers < 0:
-      raise ConfigError(f'MoeConfig.num_sparse_layers must be >= 0, got {self.num_sparse_layers}.')
+      raise ConfigError(f'MoeConfig.num_sparse_layers must be >= 0, got {self.num_sparse_layers}{_gin("num_sparse_layers")}.')
     if self.num_selected_experts > self.num_experts:
       raise ConfigError(f'MoeConfig.num_selected_experts={self.num_selected_experts} exceeds '
                        f'num_experts={self.num_experts}; each token picks k <= E experts.')
     for name in ('train_capacity_factor', 'eval_capacity_factor'):
       if getattr(self, name) <= 0:
-        raise ConfigError(f'MoeConfig.{name} must be > 0, got {getattr(self, name)}.')
+        raise ConfigError(f'MoeConfig.{name} must be > 0, got {getattr(self, name)}{_gin(name)}.')
     for name in ('jitter_noise', 'expert_dropout_rate'):
       if not 0 <= getattr(self, name) < 1:
-        raise ConfigError(f'MoeConfig.{name} must be in [0, 1), got {getattr(self, name)}.')
+        raise ConfigError(f'MoeConfig.{name} must be in [0, 1), got {getattr(self, name)}{_gin(name)}.')
     if self.dropless and self.routing_method == 'experts_choose':
       raise ConfigError('MoeConfig.dropless needs routing_method="tokens_choose" or "sparsemixer": '
                        'experts-choose has no per-token choices to keep.')
