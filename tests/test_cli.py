@@ -52,7 +52,7 @@ def test_misspelt_parameter_shows_gin_message_and_file(tmp_path, cli_error):
 
 
 @pytest.mark.parametrize('extra, expected', [
-    (['--gin.DROPLESS_TILE_SIZE=0'], 'MoeConfig.dropless_tile_size must be >= 1, got 0.'),
+    (['--gin.DROPLESS_TILE_SIZE=0'], 'MoeConfig.dropless_tile_size must be >= 1, got 0 (gin: DROPLESS_TILE_SIZE).'),
     (["--gin.DECODER_SPARSE_LAYOUT='SOMETIMES'"], 'MoeConfig.sparse_layout must be one of'),
     (['--gin_file=gin/routers/lory.gin', '--gin.JITTER_NOISE=0.1'], 'ignores jitter_noise=0.1'),
     (['--gin.NUM_DECODER_SPARSE_LAYERS=5'], 'moe: num_sparse_layers=5 does not fit a stack of 2 layers'),
