@@ -228,12 +228,24 @@ def score_predictions(task, examples, predictions: Sequence[str]) -> tuple[dict[
   return {k: float(v) for k, v in metrics.items()}, targets, processed
 
 
+def _invalid_predictions(task_name: str, predictions: Sequence[str]) -> Optional[list[str]]:
+  from tasks import superglue  # pylint: disable=g-import-not-at-top
+  try:
+    return superglue.invalid_predictions(task_name, predictions)
+  except (ValueError, KeyError):  # not a SuperGLUE task with labels
+    return None
+
+
 def inference_eval_task(evaluator, params, task, cfg: data_lib.DatasetConfig, step: int,
                         eval_output_dir: str, max_batches: Optional[int] = None, method: str = 'greedy',
                         print_fn=print) -> dict[str, float]:
   """Decodes, postprocesses and scores one task; writes t5x's inference_eval/ files. Returns the metrics."""
   examples, predictions, _ = predict_task(evaluator, params, task, cfg, max_batches, method)
   metrics, targets, processed = score_predictions(task, examples, predictions)
+  invalid = _invalid_predictions(task.name, predictions)
+  if invalid is not None:
+    # Counted as errors by the metrics; reported so that a model emitting garbage is seen as such.
+    metrics['invalid_predictions'] = float(len(invalid))
   if jax.process_index() == 0:
     write_inference_eval(eval_output_dir, task.name, step, metrics,
                          prediction_records(task, examples, predictions), targets, processed)

@@ -98,6 +98,11 @@ def _write_submission(output_dir: str, task_name: str, examples, predictions, sp
   path = superglue.write_submission(output_dir, task_name, examples, predictions)
   note = '' if split == 'test' else f' (from the {split!r} split; the leaderboard wants INFER_SPLIT=\'test\')'
   print(f'Wrote the SuperGLUE submission file {path}{note}', flush=True)
+  invalid = superglue.invalid_predictions(task_name, predictions)
+  if invalid:
+    print(f'WARNING: {len(invalid)} of {len(predictions)} {task_name} predictions are not a label '
+          f'(e.g. {invalid[:3]}); the submission file has the first label for them (every example needs '
+          'one).', flush=True)
   return path
 
 

@@ -561,11 +561,23 @@ def _base_task_name(name: str) -> str:
   raise ValueError(f'{name!r} has no SuperGLUE submission file; tasks that have: {sorted(SUBMISSION_FILES)}.')
 
 
+def invalid_predictions(task: str, predictions: Sequence[str]) -> list[str]:
+  """The predictions of a labelled task (not ReCoRD's free answers or WSC's spans) that are none of its
+  labels; the submission writes each as the first label (every test example needs one), so the caller
+  reports them."""
+  base = _base_task_name(task)
+  if base in (task_name('record'), WSC_EVAL):
+    return []
+  labels = BOOL_LABELS if base == task_name('multirc') else CONFIGS[base[len('super_glue_'):-len('_v102')]].labels
+  return [common.text_of(p) for p in predictions if common.text_of(p) not in labels]
+
+
 def submission_records(task: str, examples: Sequence[Mapping[str, Any]],
                        predictions: Sequence[str]) -> list[dict]:
   """The leaderboard JSONL records of one task, from its test examples and decoded predictions.
 
-  An invalid prediction becomes the task's first label, since every test example needs one.
+  An invalid prediction becomes the task's first label, since every test example needs one
+  (`invalid_predictions` lists them, for the caller to report).
   Formats: {"idx", "label"} with label strings (CB, RTE, AX-b, AX-g), lower-case "true"/"false" (BoolQ,
   WiC), "True"/"False" (WSC) or the class id (COPA); ReCoRD {"idx": query idx, "label": answer};
   MultiRC one record per paragraph {"idx", "passage": {"questions": [{"idx", "answers": [{"idx",

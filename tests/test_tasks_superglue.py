@@ -326,3 +326,19 @@ def test_unknown_task_lists_close_names():
   with pytest.raises(common.UnknownTaskError, match='No registered name is close'):
     common.get_task_or_mixture('zzzz_qqqq_xxxx')
   assert common.get_task_or_mixture('super_glue_rte_v102').name == 'super_glue_rte_v102'
+
+
+def test_invalid_predictions_are_listed_and_reported(tmp_path, capsys):
+  """A prediction that is no label is written as the first label (the leaderboard needs one per example),
+  and never silently: it is listed, and infer prints how many."""
+  assert sg.invalid_predictions('super_glue_boolq_v102', ['True', 'garbage', b'False']) == ['garbage']
+  assert sg.invalid_predictions('super_glue_cb_v102', ['neutral', 'maybe']) == ['maybe']
+  assert sg.invalid_predictions('super_glue_multirc_v102', ['True', 'yes']) == ['yes']
+  assert sg.invalid_predictions('super_glue_record_v102', ['anything']) == []
+  from st_moe_jax import infer
+  exs = [{'idx': 0}, {'idx': 1}, {'idx': 2}]
+  infer._write_submission(str(tmp_path), 'super_glue_boolq_v102', exs, ['True', 'garbage', 'nonsense'], 'test')
+  out = capsys.readouterr().out
+  assert "WARNING: 2 of 3 super_glue_boolq_v102 predictions are not a label (e.g. ['garbage', 'nonsense'])" in out
+  records = [json.loads(line) for line in (tmp_path / 'BoolQ.jsonl').read_text().splitlines()]
+  assert [r['label'] for r in records] == ['true', 'false', 'false']
