@@ -35,6 +35,12 @@ from st_moe_jax import losses
 from st_moe_jax import models
 from st_moe_jax import trainer as trainer_lib
 
+# libtpu loads lazily (at the first topology); before that: a process that only compiles needs no TPU VM
+# metadata, and must not take libtpu's one-process-per-host lock (/tmp/libtpu_lockfile), which a running
+# training job, a second compile or a parallel test worker may hold.
+os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
 GIB = 1024 ** 3
 
 # Per-chip figures of each TPU generation, from Cloud TPU's system-architecture pages (bf16 dense peak, HBM
@@ -459,8 +465,6 @@ def _main(flags: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  # libtpu looks for a TPU VM's metadata and logs what it cannot find; the compile does not need it.
-  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
   cli.run_main(_main, 'AOT-compile the train and eval steps for a TPU slice (no TPU needed).', argv,
                add_flags=_add_flags, required_defaults=REQUIRED_DEFAULTS)
 

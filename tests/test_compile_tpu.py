@@ -15,7 +15,10 @@ from st_moe_jax import compile_tpu
 from st_moe_jax import partitioning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOPOLOGY = 'v5p:2x2x1'  # 4 chips
+TOPOLOGY = 'v5p:2x2x2'  # 8 chips
+# Two data replicas of 4 expert shards: NUM_EXPERT_REPLICAS = 2 from the mesh, so G is a multiple of 4 x 2 and
+# the groups split over the 8 batch shards (with G = 4, as before, XLA gathered tokens: no all-to-all).
+MESH = 'data:2,expert:4,model:1'
 # st_moe_tiny, smaller still, in bfloat16 (the float32 gradient reduction is checked on its HLO).
 TINY = ['--gin_file=gin/runs/pretrain.gin', '--gin_file=gin/models/st_moe_tiny.gin',
         "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 32}", '--gin.BATCH_SIZE=16',
@@ -40,7 +43,7 @@ def report(tmp_path_factory):
   os.chdir(REPO)
   compile_tpu.compile_report = keep_hlo
   try:
-    compile_tpu.main([*TINY, f'--topology={TOPOLOGY}', f'--json_out={out}'])
+    compile_tpu.main([*TINY, f'--topology={TOPOLOGY}', f'--mesh={MESH}', f'--json_out={out}'])
   finally:
     compile_tpu.compile_report = original
     os.chdir(cwd)
@@ -59,13 +62,13 @@ def test_report_fields_and_memory(report):
   for key in ('topology', 'num_chips', 'mesh', 'fits', 'hbm_bytes_per_chip', 'bytes_per_chip', 'flops_per_step',
               'model_flops_per_step', 'collectives', 'estimate', 'verdict'):
     assert key in data, key
-  assert data['topology'] == TOPOLOGY and data['num_chips'] == 4
-  assert data['mesh'] == {'data': 1, 'expert': 4, 'model': 1}
+  assert data['topology'] == TOPOLOGY and data['num_chips'] == 8
+  assert data['mesh'] == {'data': 2, 'expert': 4, 'model': 1} and data['num_expert_replicas'] == [2]
   assert data['hbm_bytes_per_chip'] == 95 * 2**30 and data['fits'] is True
   mem = data['bytes_per_chip']
   assert set(mem) >= {'arguments', 'outputs', 'temporaries', 'total'}
   assert mem['arguments'] > 0 and mem['temporaries'] > 0 and 0 < mem['total'] < data['hbm_bytes_per_chip']
-  assert data['flops_per_step'] == pytest.approx(4 * data['flops_per_chip'])
+  assert data['flops_per_step'] == pytest.approx(8 * data['flops_per_chip'])
   # The compiled step computes capacity slots and more; the config's count is the useful work.
   assert 0.5 < data['flops_per_step'] / data['model_flops_per_step'] < 3
   est = data['estimate']
@@ -88,18 +91,18 @@ def _shapes(hlo_text):
 
 
 def test_gather_dispatch_has_no_one_hot_buffer(report):
-  """The default (gather) dispatch never builds the [G, T, E, C] one-hot dispatch / combine tensor (per chip
-  G/4 groups; also flattened to [G·T, E·C]): only the einsum reference path does. The [E/4, G·C, H] expert
-  buffers it does build are found, so the sizes below are the layer's."""
+  """The default (gather) dispatch never builds the [G, T, E, C] one-hot dispatch / combine tensor (whole or
+  per chip; also flattened to [G·T, E·C]): only the einsum reference path does. The per-chip expert buffers
+  [E/4, G·C/2, H] it does build are found, so the sizes below are the layer's."""
   data, hlo = report
   shapes = _shapes(hlo['train'])
-  experts, hidden = 4, 32
-  for tokens in (16 * 64, 16 * 32):  # encoder, decoder: batch x length; GROUP_SIZE 1024, G a multiple of E
-    groups = 4
+  experts, hidden, replicas = 4, 32, data['mesh']['data']
+  for tokens in (16 * 64, 16 * 32):  # encoder, decoder: batch x length (GROUP_SIZE 1024)
+    groups = experts * replicas  # the smallest multiple of E x replicas
     per_group = tokens // groups
     capacity = max(round(1.25 * per_group / experts), 4)  # routing.expert_capacity, train factor 1.25
-    assert (1, groups * capacity, hidden) in shapes, capacity
-    for g in {groups, groups // data['mesh']['expert']}:
+    assert (1, groups * capacity // replicas, hidden) in shapes, capacity
+    for g in {groups, groups // 8}:
       for shape in [(g, per_group, experts, capacity), (g * per_group, experts * capacity)]:
         assert shape not in shapes, shape
 
