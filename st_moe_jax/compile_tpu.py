@@ -252,7 +252,8 @@ def cost(compiled: Any) -> dict[str, float]:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
-  return {'flops': float(analysis.get('flops', 0.0)), 'bytes_accessed': float(analysis.get('bytes accessed', 0.0))}
+  return {'flops': float(analysis.get('flops', 0.0)),
+          'bytes_accessed': float(analysis.get('bytes accessed', 0.0))}
 
 
 def per_chip_bytes(tree: Any) -> int:
@@ -325,13 +326,12 @@ def compile_report(topology: str, mesh_flag: Optional[str] = None, *, model: Any
   trainer = trainer_lib.Trainer(model, optimizer, learning_rate, mesh, model_kind=kind,
                                 loss_config=loss_config or trainer_lib.LossConfig(), seed=random_seed or 0,
                                 freeze_patterns=freeze_patterns)
-  from st_moe_jax import partitioning
   start = time.time()
   trainer.prepare(batch)
-  with partitioning.activate(trainer.mesh, trainer.rules):
-    train_compiled = trainer._train.lower(trainer.abstract_state, trainer.abstract_batch).compile()  # pylint: disable=protected-access
-    train_s = time.time() - start
-    eval_compiled = trainer._eval.lower(trainer.abstract_params, trainer.abstract_batch).compile()  # pylint: disable=protected-access
+  train_lowered, eval_lowered = trainer.lower_steps()
+  train_compiled = train_lowered.compile()
+  train_s = time.time() - start
+  eval_compiled = eval_lowered.compile()
   eval_s = time.time() - start - train_s
   num_chips = len(devices)
   hbm = chip['hbm_gib'] * GIB
@@ -389,7 +389,8 @@ def verdict(report: Mapping[str, Any]) -> str:
             f'per chip: {dominant}.')
   largest = ', '.join(f'{p} {b / GIB:.2f} GiB' for p, b in report['largest_arrays_per_chip'])
   return (f'DOES NOT FIT: {total / GIB:.2f} GiB per chip > {hbm / GIB:.0f} GiB HBM, over by '
-          f'{(total - hbm) / GIB:.2f} GiB ({total / hbm:.2f}x); per chip: {dominant}; largest arrays: {largest}.')
+          f'{(total - hbm) / GIB:.2f} GiB ({total / hbm:.2f}x); per chip: {dominant}; largest arrays: '
+          f'{largest}.')
 
 
 def format_report(r: Mapping[str, Any]) -> str:
@@ -402,7 +403,8 @@ def format_report(r: Mapping[str, Any]) -> str:
       f'{r["parameters"]:,} parameters',
       f'memory per chip (train step): arguments {mem["arguments"] / GIB:.3f} GiB, outputs '
       f'{mem["outputs"] / GIB:.3f} GiB (aliased {mem["aliased"] / GIB:.3f}), temporaries '
-      f'{mem["temporaries"] / GIB:.3f} GiB, total {mem["total"] / GIB:.3f} GiB of {r["hbm_bytes_per_chip"] / GIB:.0f} GiB',
+      f'{mem["temporaries"] / GIB:.3f} GiB, total {mem["total"] / GIB:.3f} GiB of '
+      f'{r["hbm_bytes_per_chip"] / GIB:.0f} GiB',
       f'eval step total per chip {r["eval_bytes_per_chip"]["total"] / GIB:.3f} GiB',
       f'FLOPs per step (compiled, all chips) {r["flops_per_step"]:.4g}; model FLOPs per step (from the config) '
       f'{r["model_flops_per_step"]:.4g}; bytes accessed per chip {r["bytes_accessed_per_chip"]:.4g}',

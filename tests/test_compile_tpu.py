@@ -7,7 +7,6 @@ import os
 import re
 
 import jax
-import numpy as np
 import pytest
 
 from st_moe_jax import cli
@@ -161,7 +160,8 @@ def test_model_flops_formula():
     (['--topology=v5p:2x2'], 'v5p:AxBxC'),
     ([], '--topology is required'),
     (['--topology=v5p:2x2x1', '--mesh=data:2,expert:4,model:1'], 'must multiply to 4'),
-    (['--topology=v5p:2x2x1', '--mesh=data:1,expert:4', '--gin.NUM_EXPERTS=6'], 'NUM_EXPERTS=6 is not divisible'),
+    (['--topology=v5p:2x2x1', '--mesh=data:1,expert:4', '--gin.NUM_EXPERTS=6'],
+     'NUM_EXPERTS=6 is not divisible'),
     (['--topology=v5p:2x2x1', '--mesh=experts:4'], 'expected data:D,expert:E,model:M'),
 ])
 def test_bad_input_is_a_one_line_error(cli_error, extra, expected):
