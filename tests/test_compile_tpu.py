@@ -7,6 +7,7 @@ import os
 import re
 
 import jax
+import numpy as np
 import pytest
 
 from st_moe_jax import cli
@@ -201,3 +202,21 @@ def test_expert_replicas_follow_the_mesh(shape):
   # A value set by hand is kept.
   hand = model.clone(encoder_moe=dataclasses.replace(model.encoder_moe, num_expert_replicas=3))
   assert cli.with_expert_replicas(hand, mesh).encoder_moe.num_expert_replicas == 3
+
+
+def test_grouped_matmul_auto_follows_the_compile_target():
+  """'auto' picks by the mesh's devices (TPU here), not the host's backend (CPU)."""
+  from jax.sharding import Mesh
+  from st_moe_jax import dispatch
+  seen = {}
+
+  def probe(x):
+    seen['platform'] = dispatch.target_platform()
+    return x
+
+  tpu = compile_tpu.topology_devices('v5p:2x2x1')
+  with jax.set_mesh(Mesh(np.asarray(tpu).reshape(4), ('data',))):
+    jax.jit(probe).lower(jax.ShapeDtypeStruct((4,), np.float32))
+  assert seen['platform'] == 'tpu'
+  jax.jit(probe).lower(jax.ShapeDtypeStruct((4,), np.float32))
+  assert seen['platform'] == 'cpu'
