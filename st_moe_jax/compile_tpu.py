@@ -366,6 +366,8 @@ def compile_report(topology: str, mesh_flag: Optional[str] = None, *, model: Any
       'flops_per_step': train_cost['flops'] * num_chips,
       'bytes_accessed_per_chip': train_cost['bytes_accessed'],
       'model_flops_per_step': model_flops['total'],
+      # per token of the batch (encoder and decoder tokens: batch x the sum of the lengths)
+      'model_flops_per_token': model_flops['total'] / (batch_size * sum(lengths[k] for k in needed)),
       'model_flops_breakdown': model_flops,
       'collectives': collectives,
       'eval_collectives': hlo_collectives(eval_compiled.as_text()),
@@ -407,7 +409,8 @@ def format_report(r: Mapping[str, Any]) -> str:
       f'{r["hbm_bytes_per_chip"] / GIB:.0f} GiB',
       f'eval step total per chip {r["eval_bytes_per_chip"]["total"] / GIB:.3f} GiB',
       f'FLOPs per step (compiled, all chips) {r["flops_per_step"]:.4g}; model FLOPs per step (from the config) '
-      f'{r["model_flops_per_step"]:.4g}; bytes accessed per chip {r["bytes_accessed_per_chip"]:.4g}',
+      f'{r["model_flops_per_step"]:.4g} ({r["model_flops_per_token"]:.4g} per token); bytes accessed per chip '
+      f'{r["bytes_accessed_per_chip"]:.4g}',
       'collectives in the train step (count, bytes per chip, dtypes):',
   ]
   for kind, c in r['collectives'].items():

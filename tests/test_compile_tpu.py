@@ -60,7 +60,7 @@ def test_tests_run_on_cpu_with_libtpu_installed():
 def test_report_fields_and_memory(report):
   data, _ = report
   for key in ('topology', 'num_chips', 'mesh', 'fits', 'hbm_bytes_per_chip', 'bytes_per_chip', 'flops_per_step',
-              'model_flops_per_step', 'collectives', 'estimate', 'verdict'):
+              'model_flops_per_step', 'model_flops_per_token', 'collectives', 'estimate', 'verdict'):
     assert key in data, key
   assert data['topology'] == TOPOLOGY and data['num_chips'] == 8
   assert data['mesh'] == {'data': 2, 'expert': 4, 'model': 1} and data['num_expert_replicas'] == [2]
