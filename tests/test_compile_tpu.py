@@ -220,3 +220,13 @@ def test_grouped_matmul_auto_follows_the_compile_target():
   assert seen['platform'] == 'tpu'
   jax.jit(probe).lower(jax.ShapeDtypeStruct((4,), np.float32))
   assert seen['platform'] == 'cpu'
+
+
+def test_verdict_says_by_how_much_and_what_dominates():
+  gib = 2**30
+  report = {'bytes_per_chip': {'total': 40 * gib, 'temporaries': 30 * gib}, 'hbm_bytes_per_chip': 32 * gib,
+            'fits': False, 'resident_bytes_per_chip': {'params': 8 * gib, 'optimizer_state': gib, 'batch': 0},
+            'largest_arrays_per_chip': [("['params']['logits_dense']['kernel']", 2 * gib)]}
+  line = compile_tpu.verdict(report)
+  assert line.startswith('DOES NOT FIT: 40.00 GiB per chip > 32 GiB HBM, over by 8.00 GiB (1.25x)'), line
+  assert line.index('temporaries 30.00 GiB') < line.index('params 8.00 GiB') and 'logits_dense' in line
