@@ -49,8 +49,12 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
   return out
 
 
-def parse_flags(argv: Sequence[str], description: str) -> argparse.Namespace:
+def parse_flags(argv: Sequence[str], description: str,
+                add_flags: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
+  """The shared flags, plus whatever `add_flags(parser)` adds (e.g. compile_tpu's --topology)."""
   parser = argparse.ArgumentParser(description=description)
+  if add_flags is not None:
+    add_flags(parser)
   parser.add_argument('--gin_file', action='append', default=[], help='gin file (repeatable)')
   parser.add_argument('--gin_bindings', action='append', default=[], help='gin binding (repeatable)')
   parser.add_argument('--gin_search_paths', default='.', help='comma-separated folders for gin files')
@@ -132,10 +136,14 @@ def _remote_gin_file(path: str) -> bool:
 gin.config.register_file_reader(fileio.open, _remote_gin_file)
 
 
-def parse_gin(flags: argparse.Namespace) -> None:
+def parse_gin(flags: argparse.Namespace, required_defaults: Optional[Mapping[str, str]] = None) -> None:
   """Parses --gin_file files then --gin_bindings; gin's own message (with the file and line) on error.
   Then checks what gin would only find later, with a stack trace: no model file, misspelt or unset
-  REQUIRED macros."""
+  REQUIRED macros.
+
+  required_defaults: {MACRO: value} bound after the files and before --gin_bindings, for each MACRO the
+    files leave REQUIRED (a tool that needs no MODEL_DIR, e.g. compile_tpu, sets it to None).
+  """
   gin.clear_config()
   for path in flags.gin_search_paths.split(','):
     if path:
@@ -150,6 +158,10 @@ def parse_gin(flags: argparse.Namespace) -> None:
     raise UserError(f'gin could not parse the configuration: {e}') from e
   _FILE_MACROS.clear()
   _FILE_MACROS.update(_defined_macros())
+  defaults = [f'{name} = {value}' for name, value in (required_defaults or {}).items()
+              if _is_required(_macro_binding(name))]
+  if defaults:
+    gin.parse_config_files_and_bindings([], defaults, finalize_config=False)
   try:
     gin.parse_config_files_and_bindings([], flags.gin_bindings, finalize_config=False)
   except (ValueError, IOError, SyntaxError, ImportError) as e:
@@ -262,9 +274,12 @@ _GIN_SEARCH_NOISE = _GinSearchNoise()
 
 
 def run_main(main: Callable[[argparse.Namespace], Any], description: str,
-             argv: Optional[Sequence[str]] = None) -> None:
+             argv: Optional[Sequence[str]] = None, *,
+             add_flags: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+             required_defaults: Optional[Mapping[str, str]] = None) -> None:
   """Parses flags and gin, runs `main`, and prints bad-input errors without a stack trace (exit 2);
-  --debug or ST_MOE_DEBUG=1 re-raises them instead, to show the trace."""
+  --debug or ST_MOE_DEBUG=1 re-raises them instead, to show the trace. add_flags / required_defaults:
+  see parse_flags / parse_gin."""
   from tasks import common  # pylint: disable=g-import-not-at-top
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
   logging.getLogger('absl').setLevel(logging.ERROR)
@@ -273,11 +288,11 @@ def run_main(main: Callable[[argparse.Namespace], Any], description: str,
   # Read before parsing: a bad flag can fail the parse itself.
   debug = '--debug' in argv or os.environ.get('ST_MOE_DEBUG') == '1'
   try:
-    flags = parse_flags(argv, description)
+    flags = parse_flags(argv, description, add_flags)
     if flags.tfds_data_dir:
       os.environ['TFDS_DATA_DIR'] = flags.tfds_data_dir
     init_distributed(flags)
-    parse_gin(flags)
+    parse_gin(flags, required_defaults)
     main(flags)
   except (UserError, common.TaskInputError, ckpt_lib.CheckpointShapeError, ckpt_lib.CheckpointCorruptError,
           trainer_lib.TrainingDivergedError) as e:
@@ -339,9 +354,28 @@ def create_mesh(num_expert_partitions: int, num_model_partitions: int, model: An
   return mesh
 
 
+MOE_FIELDS = ('encoder_moe', 'decoder_moe', 'moe')
+
+
+def with_expert_replicas(model: Any, mesh) -> Any:
+  """`model` with each MoeConfig's num_expert_replicas derived from the mesh, as flaxformer does: devices ÷
+  (expert partitions × model partitions), so the number of routing groups is a multiple of E × replicas
+  and the groups split evenly over the ('expert', 'data') batch shards (otherwise XLA gathers tokens across
+  shards instead of one all-to-all; docs/routing.md §5). A value set by hand (NUM_EXPERT_REPLICAS > 1) is
+  kept."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  replicas = partitioning.num_expert_replicas(mesh)
+  changes = {}
+  for name in MOE_FIELDS:
+    moe = getattr(model, name, None)
+    if moe is not None and moe.num_expert_replicas == 1 and replicas != 1:
+      changes[name] = dataclasses.replace(moe, num_expert_replicas=replicas)
+  return model.clone(**changes) if changes else model
+
+
 def moe_configs(model: Any) -> list[Any]:
   """The model's MoeConfigs that have sparse layers (encoder_moe / decoder_moe, or a decoder-only's moe)."""
-  moes = [getattr(model, name, None) for name in ('encoder_moe', 'decoder_moe', 'moe')]
+  moes = [getattr(model, name, None) for name in MOE_FIELDS]
   return [moe for moe in moes if moe is not None and moe.num_sparse_layers > 0]
 
 

@@ -329,6 +329,15 @@ def _tiled_grouped_matmul_bwd(tile, residuals, d_outs):
 _tiled_grouped_matmul.defvjp(_tiled_grouped_matmul_fwd, _tiled_grouped_matmul_bwd)
 
 
+def target_platform() -> str:
+  """The platform the traced code is compiled for: that of the mesh set by jax.set_mesh (partitioning.
+  activate) when there is one, else the default backend. A TPU compile from a CPU host (compile_tpu.py)
+  has a mesh of TPU devices while jax.default_backend() is 'cpu'."""
+  device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
+  platform = getattr(device, 'platform', None)
+  return platform or jax.default_backend()
+
+
 def grouped_matmuls(rows: Array, kernels: Sequence[Array], layout: DroplessLayout, method: str = 'auto'
                     ) -> tuple:
   """Each expert's rows times its kernels: <float>[R, K], E-stacked kernels [E, K, M_i] -> ([R, M_i], ...).
@@ -336,12 +345,13 @@ def grouped_matmuls(rows: Array, kernels: Sequence[Array], layout: DroplessLayou
   'tiled': loops of chunk · kernel[e] matmuls (one per expert, or chunks of CHUNK_TILES tiles for larger experts;
   all kernels in one loop) with a hand-written backward; the fastest approach found on CPU. 'ragged_dot':
   jax.lax.ragged_dot, XLA's grouped matmul (GPU/TPU; on CPU it lowers to a dense masked product, 8–60×
-  slower). 'auto' picks ragged_dot on accelerators and tiled on CPU. Rows past the experts' rows are 0.
+  slower). 'auto' picks ragged_dot on accelerators and tiled on CPU, by the compile target
+  (`target_platform`, not the host's backend). Rows past the experts' rows are 0.
   """
   if method not in GROUPED_MATMUL_METHODS:
     raise ValueError(f'Unknown grouped matmul method {method!r}; choose one of {GROUPED_MATMUL_METHODS}.')
   if method == 'auto':
-    method = 'ragged_dot' if jax.default_backend() in ('gpu', 'tpu') else 'tiled'
+    method = 'ragged_dot' if target_platform() in ('gpu', 'cuda', 'rocm', 'tpu') else 'tiled'
   if method == 'ragged_dot':
     return tuple(jax.lax.ragged_dot(rows, kernel, layout.group_sizes) for kernel in kernels)
   return _tiled_grouped_matmul(rows, tuple(kernels), layout.group_sizes, layout.tile)

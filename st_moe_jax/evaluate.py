@@ -49,6 +49,7 @@ def restore_evaluator(model: Any, checkpoint_path: str, dataset_cfg: data_lib.Da
   optimizer: only the parameters are restored). output_dir: (macro, path) of the folder the results go to,
   checked for writing after the configuration checks and before any data or checkpoint is read."""
   mesh = cli.create_mesh(num_expert_partitions, num_model_partitions, model)
+  model = cli.with_expert_replicas(model, mesh)
   cli.check_batch(dataset_cfg.batch_size, mesh)
   kind = cli.model_kind(model)
   cli.check_task_fits_model(dataset_cfg, kind)

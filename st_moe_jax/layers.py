@@ -1,5 +1,6 @@
 """Dense building blocks, with flaxformer parameter names and logical axis names."""
 
+import functools
 import math
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -41,7 +42,7 @@ class Dense(nn.Module):
     # One matrix product over all leading dims: XLA:CPU runs the weight gradient of a [B, L, H] dot
     # (two contracting dims) about 1.7x slower than the same product on [B·L, H].
     x = inputs.astype(self.dtype).reshape(-1, inputs.shape[-1])
-    y = jnp.dot(x, kernel.astype(self.dtype))
+    y = cast_matmul(x, kernel)  # float32 weight gradient (see cast_matmul)
     return y.reshape(*inputs.shape[:-1], self.features)
 
 
@@ -56,18 +57,57 @@ class Kernel(nn.Module):
     return self.param('kernel', nn.with_logical_partitioning(self.init, self.axes), self.shape, jnp.float32)
 
 
+def _product(x: Array, kernel: Array, batched: bool) -> Array:
+  return jnp.einsum('...tk,...km->...tm', x, kernel) if batched else jnp.dot(x, kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cast_matmul(x: Array, kernel: Array, batched: bool = False) -> Array:
+  """x · kernel.astype(x.dtype): <dtype>[M, K] · [K, N] (batched: [*b, T, K] · [*b, K, N]) in x's dtype,
+  with the kernel's gradient computed with float32 accumulation and returned in the kernel's dtype.
+
+  The weight gradient sums over the rows, which are sharded over the batch mesh axes, so XLA reduces its
+  partial sums across chips. Under autodiff of `x · kernel.astype(bf16)` that reduction runs in bfloat16,
+  before the cast back to float32; here the product itself yields float32 partial sums, so the cross-chip
+  reduction is float32, as in t5x (tests/test_compile_tpu.py reads the HLO). The forward product and the
+  input gradient stay in x's dtype.
+  """
+  return _product(x, kernel.astype(x.dtype), batched)
+
+
+def _cast_matmul_fwd(x, kernel, batched):
+  return cast_matmul(x, kernel, batched), (x, kernel)
+
+
+def _cast_matmul_bwd(batched, residuals, grad):
+  x, kernel = residuals
+  grad = grad.astype(x.dtype)
+  if batched:
+    d_x = jnp.einsum('...tm,...km->...tk', grad, kernel.astype(x.dtype))
+    d_kernel = jnp.einsum('...tk,...tm->...km', x, grad, preferred_element_type=jnp.float32)
+  else:
+    d_x = jnp.dot(grad, kernel.astype(x.dtype).T)
+    d_kernel = jax.lax.dot_general(x, grad, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+cast_matmul.defvjp(_cast_matmul_fwd, _cast_matmul_bwd)
+
+
 def flat_matmul(x: Array, kernels: Sequence[Array]) -> list[Array]:
-  """x <float>[..., K] times each 2-D kernel [K, M_i], as one [prod(...), K] product (see Dense).
+  """x <float>[..., K] times each 2-D kernel [K, M_i], as one [prod(...), K] product (see Dense), in x's
+  dtype (float32 kernels are cast inside `cast_matmul`, their gradients reduced in float32).
 
   Returns [<float>[..., M_i], ...].
   """
   flat = x.reshape(-1, x.shape[-1])
-  return [jnp.dot(flat, k).reshape(*x.shape[:-1], k.shape[-1]) for k in kernels]
+  return [cast_matmul(flat, k).reshape(*x.shape[:-1], k.shape[-1]) for k in kernels]
 
 
 def batched_matmul(x: Array, kernels: Sequence[Array]) -> list[Array]:
-  """x <float>[*b, T, K] times each batched kernel [*b, K, M_i] -> [*b, T, M_i] (experts, merged FFNs)."""
-  return [jnp.einsum('...tk,...km->...tm', x, k) for k in kernels]
+  """x <float>[*b, T, K] times each batched kernel [*b, K, M_i] -> [*b, T, M_i] (experts, merged FFNs), in
+  x's dtype (see cast_matmul)."""
+  return [cast_matmul(x, k, True) for k in kernels]
 
 
 def gated_ffn(x: Array, kernels: Mapping[str, Array], activations: Sequence[str], *,
@@ -81,7 +121,8 @@ def gated_ffn(x: Array, kernels: Mapping[str, Array], activations: Sequence[str]
   Args:
     x: <float>[..., H] inputs, already in the computation dtype.
     kernels: 'wi' (one activation) or 'wi_0', 'wi_1', ... (one per activation) [.., H, F] and 'wo'
-      [.., F, H], in the computation dtype.
+      [.., F, H]: float32 for flat_matmul / batched_matmul (which cast them), in the computation dtype for
+      other matmuls.
     activations: names in ACTIVATIONS, multiplied together: ('gelu', 'linear') = GEGLU,
       ('silu', 'linear') = SwiGLU, ('relu',) = the T5 1.0 / Switch FFN.
     matmul: (x, [kernel, ...]) -> [x · kernel, ...]; input projections share one call, so a grouped
@@ -122,8 +163,9 @@ class MlpBlock(nn.Module):
                for n in input_projection_names(len(self.activations))}
     kernels['wo'] = Kernel((inner, hidden), ('mlp', 'embed'), self.kernel_init, name='wo')()
     dropout = nn.Dropout(rate=self.intermediate_dropout_rate)
-    return gated_ffn(inputs.astype(self.dtype), {n: k.astype(self.dtype) for n, k in kernels.items()},
-                     self.activations, dropout=lambda h: dropout(h, deterministic=not enable_dropout))
+    # float32 kernels: flat_matmul casts them to self.dtype, keeping their gradients float32.
+    return gated_ffn(inputs.astype(self.dtype), kernels, self.activations,
+                     dropout=lambda h: dropout(h, deterministic=not enable_dropout))
 
 
 class Experts(nn.Module):
@@ -202,7 +244,7 @@ class Embed(nn.Module):
   def attend(self, query: Array) -> Array:
     """Logits against every embedding: <float>[..., H] -> <dtype>[..., V]."""
     flat = query.astype(self.dtype).reshape(-1, query.shape[-1])  # 2-D product: see Dense
-    logits = jnp.dot(flat, self.embedding.astype(self.dtype).T)
+    logits = cast_matmul(flat, self.embedding.T)  # float32 gradient (see cast_matmul)
     return logits.reshape(*query.shape[:-1], self.embedding.shape[0])
 
 
@@ -301,7 +343,7 @@ class DenseGeneral(nn.Module):
     # As one 2-D matrix product (see Dense): [prod(leading), prod(in)] · [prod(in), prod(features)].
     leading = inputs.shape[:inputs.ndim - self.num_contract]
     x = inputs.astype(self.dtype).reshape(int(np.prod(leading)), int(np.prod(in_shape)))
-    y = jnp.dot(x, kernel.astype(self.dtype).reshape(x.shape[1], -1))
+    y = cast_matmul(x, kernel.reshape(x.shape[1], -1))  # float32 gradient (see cast_matmul)
     return y.reshape(*leading, *self.features)
 
 

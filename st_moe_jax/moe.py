@@ -241,14 +241,15 @@ class MoeLayer(nn.Module):
     decision = route(logits, real, cfg, capacity=capacity, rng=self.make_rng('dropout') if sample else None)
 
     kernels = Experts(cfg.num_experts, cfg.expert_mlp_dim, len(cfg.expert_activations), name='expert')(hidden)
-    kernels = {n: k.astype(self.dtype) for n, k in kernels.items()}
     dropout = nn.Dropout(rate=cfg.expert_dropout_rate)
     drop = lambda h: dropout(h, deterministic=not enable_dropout)
     if cfg.dropless:
-      y = self._dropless_experts(x, decision, real, kernels, drop)
+      y = self._dropless_experts(x, decision, real, {n: k.astype(self.dtype) for n, k in kernels.items()},
+                                 drop)
       route_metrics = routing.dropless_metrics(decision.weights, real)
     else:
       expert_inputs = dispatch_lib.dispatch(x, decision.slots, cfg.dispatch_method)  # [G, E, C, H]
+      # float32 kernels: batched_matmul casts them, keeping their gradients float32 (layers.cast_matmul).
       expert_outputs = self._capacity_experts(expert_inputs, kernels, drop)
       y = dispatch_lib.combine(expert_outputs, decision.slots, cfg.dispatch_method)  # [G, T, H]
       route_metrics = routing.routing_metrics(decision.slots, real)

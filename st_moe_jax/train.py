@@ -79,6 +79,7 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
   kind = cli.model_kind(model)
   cli.check_writable(model_dir, 'MODEL_DIR')  # before any work: its results would be lost
   mesh = cli.create_mesh(num_expert_partitions, num_model_partitions, model, devices)
+  model = cli.with_expert_replicas(model, mesh)
   cli.check_batch(train_dataset_cfg.batch_size, mesh)
   done = ckpt_lib.latest_checkpoint_step(model_dir)
   if done is not None and done >= train_steps:

@@ -220,6 +220,13 @@ class Trainer(Evaluator):
                           out_shardings=(self.state_shardings, partitioning.replicated(self.mesh)),
                           donate_argnums=(0,))
 
+  def lower_steps(self) -> tuple[Any, Any]:
+    """(train step, eval step) lowered for the abstract state and batch, not compiled: compile_tpu compiles
+    them ahead of time for another platform's devices (the mesh's), with no array allocated."""
+    with partitioning.activate(self.mesh, self.rules):
+      return (self._train.lower(self.abstract_state, self.abstract_batch),
+              self._eval.lower(self.abstract_params, self.abstract_batch))
+
   def _build_state(self, step: int, params: Optional[PyTree]) -> TrainState:
     """The one definition of a train state at `step` (traced): `params` where given (all of them, or the
     ones a fine-tuning checkpoint had), fresh ones from RANDOM_SEED elsewhere, and a fresh optimizer state

@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# CPU only, even with libtpu installed (requirements-test.txt: tests/test_compile_tpu.py compiles for TPU
+# topologies that libtpu describes without a TPU): no TPU backend is probed, jax.devices() stays the CPUs.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # Implicit rank promotion ([T, E] + [E] broadcasting a missing leading axis) is an error in every test
 # process: here and in xdist workers (each imports this file) through the config below, and in the
