@@ -1,13 +1,32 @@
 """ST-MoE in JAX/Flax (t5x style).
 
 Importing the package sets TF_CPP_MIN_LOG_LEVEL=3 (unless set) before anything imports TensorFlow, so TF's
-C++ INFO/WARNING lines stay off the console; entry points also call `import_tensorflow_quietly` first.
+C++ INFO/WARNING lines stay off the console; entry points also call `import_tensorflow_quietly` first. On a
+host with libtpu installed but no TPU it sets JAX_PLATFORMS=cpu (unless set).
 """
 
 import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+
+def _libtpu_without_tpu() -> bool:
+  """libtpu installed (requirements-test.txt: compile_tpu compiles for TPU topologies on a CPU host) on a
+  host with no TPU and no CUDA plugin."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec('libtpu') is None:
+    return False
+  if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'):
+    return False
+  return not any(importlib.util.find_spec(name) for name in ('jax_cuda12_plugin', 'jax_cuda13_plugin'))
+
+
+# There, JAX would try libtpu first and print its host-bounds / worker-hostname errors before falling back
+# to CPU; JAX_PLATFORMS=cpu goes straight to the CPU (compile_tpu still reaches libtpu for its topology).
+if 'JAX_PLATFORMS' not in os.environ and _libtpu_without_tpu():
+  os.environ['JAX_PLATFORMS'] = 'cpu'
 
 # Lines TensorFlow's C++ code writes to stderr while it is imported, before its logging is initialised
 # (so TF_CPP_MIN_LOG_LEVEL does not apply to them): start-up notices, not problems.

@@ -139,9 +139,21 @@ def saved_param_shapes(params_dir: str) -> PyTree:
   return getattr(metadata, 'tree', metadata)
 
 
-def _shape_problems(item_dir: str, expected: PyTree, what: str) -> str:
+def _readable_shapes(item_dir: str, step: int) -> PyTree:
+  """saved_param_shapes, or CheckpointCorruptError when the item's index cannot be read or lists no array
+  (a truncated OCDBT file reads as an empty tree, which would look like a model of another shape)."""
+  try:
+    saved = saved_param_shapes(item_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointCorruptError(step, f'{item_dir}: {_root_cause(e)}') from e
+  if not jax.tree.leaves(saved, is_leaf=lambda x: hasattr(x, 'shape')):
+    raise CheckpointCorruptError(step, f'{item_dir} lists no readable array (its index is damaged)')
+  return saved
+
+
+def _shape_problems(item_dir: str, expected: PyTree, what: str, step: int) -> str:
   """'' if the tree saved in item_dir has the expected leaves and shapes, else what differs, listed."""
-  mismatched, missing, extra = shape_differences(saved_param_shapes(item_dir), expected)
+  mismatched, missing, extra = shape_differences(_readable_shapes(item_dir, step), expected)
   parts = []
   if mismatched:
     parts.append(f'{len(mismatched)} {what} with other shapes:{_listing(mismatched)}')
@@ -209,7 +221,7 @@ class CheckpointManager:
     for item in ('params',) if abstract_opt_state is None else ('params', 'opt_state'):
       if not fileio.exists(fileio.join(checkpoint, item, '_METADATA')):
         raise CheckpointCorruptError(step, f'{checkpoint}/{item}/_METADATA is missing')
-    problems = _shape_problems(fileio.join(checkpoint, 'params'), abstract_params, 'parameters')
+    problems = _shape_problems(fileio.join(checkpoint, 'params'), abstract_params, 'parameters', step)
     if problems:
       raise CheckpointShapeError(
           f'The checkpoint {checkpoint} was written by a model of another shape: {problems}\nUse the model '
@@ -218,7 +230,7 @@ class CheckpointManager:
     if abstract_opt_state is None:
       return
     problems = _shape_problems(fileio.join(checkpoint, 'opt_state'), abstract_opt_state,
-                               'optimizer-state entries')
+                               'optimizer-state entries', step)
     if problems:
       raise CheckpointShapeError(
           f'The checkpoint {checkpoint} holds optimizer state of another layout than this optimizer: '

@@ -101,7 +101,7 @@ def largest_data_file(item_dir) -> str:
   return max(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize('damage', ['truncated_chunk', 'deleted_metadata'])
+@pytest.mark.parametrize('damage', ['truncated_chunk', 'truncated_index', 'deleted_metadata'])
 def test_damaged_checkpoint_is_named_and_moved_aside(tmp_path, damage):
   manager = ckpt.CheckpointManager(str(tmp_path), period=1)
   big = {'w': jnp.arange(4096.0).reshape(64, 64)}  # chunks larger than OCDBT's inline values
@@ -113,6 +113,12 @@ def test_damaged_checkpoint_is_named_and_moved_aside(tmp_path, damage):
     path = largest_data_file(params_dir)
     with open(path, 'r+b') as f:
       f.truncate(os.path.getsize(path) // 2)
+  elif damage == 'truncated_index':
+    # Every OCDBT file cut short: the tree index reads as empty, which is damage, not another model.
+    for d, _, names in os.walk(params_dir):
+      for name in names if '/d' in d else ():
+        with open(os.path.join(d, name), 'r+b') as f:
+          f.truncate(os.path.getsize(os.path.join(d, name)) // 2)
   else:
     os.remove(params_dir / '_METADATA')
   with pytest.raises(ckpt.CheckpointCorruptError) as error:
