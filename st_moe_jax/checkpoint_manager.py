@@ -43,6 +43,11 @@ class ProcessCountError(FileNotFoundError):
   error, never taken for a corrupt checkpoint."""
 
 
+class DataPipelineMismatchError(CheckpointShapeError):
+  """The checkpoint's data-iterator position was saved by another input pipeline (another task, settings
+  or version of the preprocessing): the checkpoint is intact, its position cannot be restored."""
+
+
 # A subclass of CheckpointShapeError only so that cli.run_main (which catches that one) prints it as a
 # one-line error without a stack trace.
 class CheckpointCorruptError(CheckpointShapeError):
@@ -54,12 +59,12 @@ class CheckpointCorruptError(CheckpointShapeError):
     self.reason = reason
 
 
-def _find_in_chain(error: Optional[BaseException], kind: type) -> bool:
+def _first_in_chain(error: Optional[BaseException], kind: type) -> Optional[BaseException]:
   while error is not None:
     if isinstance(error, kind):
-      return True
+      return error
     error = error.__cause__ or error.__context__
-  return False
+  return None
 
 
 def _root_cause(error: BaseException) -> str:
@@ -91,7 +96,19 @@ class DatasetHandler(ocp.CheckpointHandler):
         raise FileNotFoundError(f'{prefix}.index is missing')  # damaged: CheckpointCorruptError
       raise ProcessCountError(f'{directory} holds no data iterator state for process {jax.process_index()} '
                               f'of {jax.process_count()} (was the run saved with another process count?).')
-    args.iterator.restore(prefix)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    try:
+      args.iterator.restore(prefix)
+    except tf.errors.NotFoundError as e:
+      if 'Failed to restore dataset iterator' not in str(e):
+        raise
+      checkpoint = os.path.dirname(os.fspath(directory).rstrip('/'))
+      raise DataPipelineMismatchError(
+          f'{checkpoint}: its data position was saved by another input pipeline '
+          '(another task or TASK_FEATURE_LENGTHS, or a version of st_moe_jax before training mixed segments '
+          'across files); its parameters are intact. Resume with the settings and version that wrote it, or '
+          f'continue in a fresh MODEL_DIR with --gin.INITIAL_CHECKPOINT_PATH="\'{checkpoint}\'" (its '
+          'parameters and step; fresh optimizer state and data order).') from e
     return args.iterator
 
   def metadata(self, directory: epath.Path) -> None:
@@ -254,8 +271,11 @@ class CheckpointManager:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
-      if _find_in_chain(e, ProcessCountError):
+      if _first_in_chain(e, ProcessCountError) is not None:
         raise
+      mismatch = _first_in_chain(e, DataPipelineMismatchError)
+      if mismatch is not None:
+        raise mismatch from None
       raise CheckpointCorruptError(step, _root_cause(e)) from e
     return restored['params'], restored['opt_state']
 

@@ -147,7 +147,12 @@ def get_dataset(cfg: DatasetConfig, model_kind: str, *, num_processes: int = 1,
   ds = feature_converter(model_kind, cfg.pack)(ds, lengths)
   rows = per_process_batch_size(cfg.batch_size, num_processes)
   ds = ds.batch(rows, drop_remainder=cfg.num_epochs is None)
-  return ds.prefetch(tf.data.AUTOTUNE)
+  # No autotuning: its optimiser thread competes with the train step for the host's cores, and deleting
+  # an iterator waits for a running optimisation, which on a busy 2-core host kept a finished run from
+  # exiting for 10-50 s. AUTOTUNE parallelism then means the host's core count.
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.prefetch(2).with_options(options)
 
 
 def pad_batch(batch: Batch, batch_size: int) -> Batch:

@@ -47,6 +47,25 @@ def test_save_keep_restore_with_iterator(tmp_path):
   manager.close()
 
 
+def test_iterator_of_another_pipeline_is_a_clear_error_not_damage(tmp_path):
+  """A data position saved by another pipeline (e.g. before training mixed segments across files) cannot
+  be restored: one error naming INITIAL_CHECKPOINT_PATH; the intact checkpoint stays where it is."""
+  import tensorflow as tf
+  manager = ckpt.CheckpointManager(str(tmp_path), period=1)
+  other = data.DataIterator(tf.data.Dataset.range(10).map(lambda i: {'x': i}).shuffle(4, seed=0))
+  next(other)
+  manager.save(1, PARAMS, OPT, other, force=True)
+  manager.wait_until_finished()
+  cfg = data.DatasetConfig('stdlib_lm', {'targets': 8}, batch_size=2)
+  current = data.DataIterator(data.get_dataset(cfg, data.DECODER_ONLY, report_trimming=False))
+  with pytest.raises(ckpt.DataPipelineMismatchError) as error:
+    manager.restore(1, abstract(PARAMS), abstract(OPT), current)
+  assert not isinstance(error.value, ckpt.CheckpointCorruptError)
+  assert f'--gin.INITIAL_CHECKPOINT_PATH="\'{tmp_path}/checkpoint_1\'"' in str(error.value)
+  assert manager.all_steps() == [1]
+  manager.close()
+
+
 def test_shape_mismatch_lists_params(tmp_path):
   manager = ckpt.CheckpointManager(str(tmp_path), period=1)
   manager.save(1, PARAMS, OPT, force=True)
