@@ -1,0 +1,509 @@
+r"""Expert specialisation of a trained checkpoint (ST-MoE, arXiv:2202.08906, §7 and Table 13).
+
+  python scripts/expert_analysis.py --checkpoint runs/demo              # MODEL_DIR: its latest checkpoint
+  python scripts/expert_analysis.py --checkpoint runs/demo/checkpoint_600 --batches 50 --out_dir /tmp/ea
+
+The model, its task and its data settings come from MODEL_DIR/config.gin (the run's operative gin config,
+written by st_moe_jax.train). Validation text of the run's task (MIXTURE_OR_TASK_NAME, or --task) goes
+through the model teacher-forced; every sparse MoE layer (both stacks of an encoder-decoder) sows, per
+token, the top-1 expert of its router's softmax and that probability (moe.TOP1_EXPERT / TOP1_PROBABILITY:
+the router's preference, before capacity; with top-2 routing the second choice is not counted). Per layer
+and expert it reports:
+
+  load            fraction of the layer's real tokens whose top-1 choice is the expert
+  mean confidence mean top-1 router probability over those tokens
+  top tokens      the tokens it receives most often relative to their base rate,
+                  ratio = (count_e(tok) / N_e) / (count(tok) / N), among tokens with count_e(tok) >= --min_count,
+                  highest ratio first (--top of them), each decoded (a byte for the byte vocabulary, the
+                  SentencePiece piece otherwise) and classed: whitespace (indentation, newlines),
+                  punctuation, keyword (Python's keyword module), identifier, digit, special, other
+  classes         the share of each class among the expert's tokens, and among all tokens ('base')
+
+The token a position stands for is the token the layer reads there: the encoder's input token, and the
+decoder's input token (the previous target; '<bos>' at the start of a sequence).
+
+Outputs (--out_dir, default MODEL_DIR/expert_analysis): expert_analysis.json (all numbers),
+expert_analysis.md (the summary, also printed), and per layer heatmap_<layer>.png (experts × the first
+--sample_tokens positions of a validation sample, each position coloured by its chosen expert, shaded by
+router confidence) and routing_<layer>.html (the sample's text with every token coloured by its expert,
+with a legend). Bad input (no checkpoint, a dense model, a checkpoint that does not fit its config) gives
+one `ERROR:` line and exit status 2, as the entry points do.
+"""
+
+import argparse
+import collections
+import html
+import json
+import keyword
+import os
+import re
+import string
+import sys
+from typing import Any, Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import st_moe_jax  # noqa: E402  (sets the TF log level before anything imports TensorFlow)
+
+st_moe_jax.import_tensorflow_quietly()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import gin  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from st_moe_jax import checkpoint_manager as ckpt_lib  # noqa: E402
+from st_moe_jax import cli  # noqa: E402
+from st_moe_jax import data as data_lib  # noqa: E402
+from st_moe_jax import gin_setup  # noqa: E402
+from st_moe_jax import losses  # noqa: E402
+from st_moe_jax import moe as moe_lib  # noqa: E402
+from st_moe_jax import partitioning  # noqa: E402
+from st_moe_jax import trainer as trainer_lib  # noqa: E402
+
+UserError = cli.UserError
+CLASSES = ('whitespace', 'punctuation', 'keyword', 'identifier', 'digit', 'special', 'other')
+# One colour per expert: matplotlib's tab10, then tab20's light shades, then tab20b / tab20c.
+_PALETTES = (('tab10', slice(None)), ('tab20', slice(1, None, 2)), ('tab20b', slice(None)),
+             ('tab20c', slice(None)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run: config, model, parameters, data.
+
+class Run:
+  """What config.gin and the checkpoint give: model, kind, parameters, dataset config, vocabulary."""
+
+  def __init__(self, checkpoint: str, task: Optional[str] = None, split: str = 'validation'):
+    if not os.path.exists(checkpoint):
+      raise UserError(f'--checkpoint {checkpoint} does not exist: pass a MODEL_DIR (holding config.gin and '
+                      'checkpoint_<step>/ folders) or one of its checkpoint_<step> folders.')
+    try:
+      self.checkpoint_dir = ckpt_lib.resolve_checkpoint_dir(checkpoint)
+    except FileNotFoundError as e:
+      raise UserError(str(e)) from e
+    self.step = ckpt_lib.checkpoint_step(self.checkpoint_dir)
+    self.model_dir = (os.path.dirname(self.checkpoint_dir) if os.path.abspath(checkpoint) == self.checkpoint_dir
+                      else os.path.abspath(checkpoint))
+    self.config_path = os.path.join(self.model_dir, 'config.gin')
+    if not os.path.exists(self.config_path):
+      raise UserError(f'{self.config_path} is missing: expert_analysis reads the model from the config.gin '
+                      'st_moe_jax.train writes to MODEL_DIR; the checkpoint must sit in its MODEL_DIR.')
+    self._parse_config()
+    # The operative config binds the model's parameters in the macro's scope (ARCHITECTURE/DecoderOnly.moe).
+    with gin.config_scope('ARCHITECTURE'):
+      self.model = cli.call_configurable(gin_setup.architecture, 'ARCHITECTURE')
+    self.kind = cli.model_kind(self.model)
+    moes = cli.moe_configs(self.model)
+    if not moes:
+      raise UserError(f'{self.config_path} describes a dense model (no sparse MoE layer): there are no experts '
+                      'to analyse. Pass a checkpoint of an MoE model (e.g. gin/models/st_moe_tiny.gin).')
+    if any(getattr(m, 'moe_type', 'sparse') == 'lory' for m in moes):
+      raise UserError('Lory layers merge all experts per segment (no per-token expert choice); '
+                      'expert_analysis needs token-routed MoE layers.')
+    self.num_experts = {m.num_experts for m in moes}
+    name = task or gin_setup.macro('MIXTURE_OR_TASK_NAME')
+    lengths = gin_setup.macro('TASK_FEATURE_LENGTHS')
+    batch_size = gin_setup.macro('BATCH_SIZE')
+    if not isinstance(name, str) or not isinstance(lengths, dict) or not isinstance(batch_size, int):
+      raise UserError(f'{self.config_path} does not bind MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS and '
+                      'BATCH_SIZE; pass --task or use the config.gin of a training run.')
+    self.dataset_cfg = data_lib.DatasetConfig(
+        mixture_or_task_name=name, task_feature_lengths=lengths, split=split, batch_size=batch_size,
+        shuffle=False, seed=gin_setup.macro('RANDOM_SEED', 0), pack=gin_setup.macro('PACK', True),
+        num_epochs=1)
+    from tasks import common  # pylint: disable=g-import-not-at-top
+    try:
+      task_or_mixture = common.get_task_or_mixture(name)
+    except (KeyError, ValueError) as e:
+      raise UserError(f'Unknown task {name!r}: {e}') from e
+    self.vocabulary = task_or_mixture.output_features['targets'].vocabulary
+    # One device: the analysis is small and any batch size fits.
+    self.mesh = cli.create_mesh(1, 1, self.model, devices=jax.devices()[:1])
+    cli.check_task_fits_model(self.dataset_cfg, self.kind)
+    self.dataset = data_lib.get_dataset(self.dataset_cfg, self.kind)
+    spec = self.dataset.element_spec
+    self.evaluator = trainer_lib.Evaluator(self.model, self.mesh, model_kind=self.kind)
+    # Shapes from the pipeline's spec (batch axis: the configured batch size; short batches are padded).
+    self.evaluator.prepare({k: np.zeros((batch_size,) + tuple(s.shape[1:]), s.dtype.as_numpy_dtype)
+                            for k, s in spec.items()})
+    self.params, _ = ckpt_lib.restore_params(self.checkpoint_dir, self.evaluator.abstract_params)
+
+  def _parse_config(self) -> None:
+    from st_moe_jax import train  # pylint: disable=g-import-not-at-top,unused-import  (registers train_script)
+    gin.clear_config()
+    gin.add_config_file_search_path(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+      gin.parse_config_files_and_bindings([self.config_path], [], finalize_config=False)
+    except (ValueError, IOError, SyntaxError, ImportError) as e:
+      raise UserError(f'gin could not parse {self.config_path}: {e}') from e
+
+  def batches(self, max_batches: Optional[int]):
+    """Validation batches (numpy dicts, short ones padded to the batch size), at most max_batches."""
+    for i, batch in enumerate(data_lib.DataIterator(self.dataset)):
+      if max_batches is not None and i >= max_batches:
+        return
+      yield data_lib.pad_batch(batch, self.dataset_cfg.batch_size)
+
+
+def stream_tokens(batch: dict[str, np.ndarray], layer: str) -> tuple[np.ndarray, np.ndarray]:
+  """(token ids [B, L], real [B, L] bool) a layer of `layer`'s stack reads: the encoder's input tokens, or
+  the decoder's input tokens (real where the target is, as the model's padding mask)."""
+  if layer.split('/')[0] == 'encoder':
+    tokens = batch['encoder_input_tokens']
+    return tokens, tokens > 0
+  return batch['decoder_input_tokens'], batch['decoder_target_tokens'] > 0
+
+
+def routing_per_token(run: Run, batches) -> tuple[dict[str, dict[str, list[np.ndarray]]], list]:
+  """Teacher-forced apply over `batches`: ({layer: {'expert': [[B, L] per batch], 'probability': [...]}},
+  the batches)."""
+  model, kind = run.model, run.kind
+
+  def apply(params, batch):
+    _, state = model.apply({'params': params}, **trainer_lib.model_inputs(batch, kind), enable_dropout=False,
+                           mutable=['intermediates'])
+    inter = state.get('intermediates', {})
+    return ({k: v[0] for k, v in losses._sown_by_layer(inter, moe_lib.TOP1_EXPERT).items()},  # pylint: disable=protected-access
+            {k: v[0] for k, v in losses._sown_by_layer(inter, moe_lib.TOP1_PROBABILITY).items()})  # pylint: disable=protected-access
+
+  apply = jax.jit(apply)
+  out: dict[str, dict[str, list[np.ndarray]]] = {}
+  seen = []
+  with partitioning.activate(run.mesh, run.evaluator.rules):
+    for batch in batches:
+      experts, probs = jax.device_get(apply(run.params, {k: np.asarray(v) for k, v in batch.items()}))
+      for layer in experts:
+        entry = out.setdefault(layer, {'expert': [], 'probability': []})
+        entry['expert'].append(np.asarray(experts[layer]))
+        entry['probability'].append(np.asarray(probs[layer]))
+      seen.append(batch)
+  return out, seen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokens as text.
+
+def _is_byte_vocabulary(vocabulary) -> bool:
+  import seqio  # pylint: disable=g-import-not-at-top
+  return isinstance(vocabulary, seqio.ByteVocabulary)
+
+
+def token_text(vocabulary, token_id: int, decoder_start: bool = False) -> str:
+  """The raw text of one token: a byte ('\\n', ' ', 'a', ...; non-UTF-8 bytes as '\\xNN'), or a
+  SentencePiece piece with '▁' as a space. Special ids: '<bos>' (id 0 at a decoder position), '<pad>',
+  '</s>', '<unk>'."""
+  if token_id == 0:
+    return '<bos>' if decoder_start else '<pad>'
+  if _is_byte_vocabulary(vocabulary):
+    special = getattr(vocabulary, '_num_special_tokens', 3)
+    if token_id == 1:
+      return '</s>'
+    if token_id < special or token_id >= special + 256:
+      return '<unk>'
+    b = token_id - special
+    return chr(b) if b < 128 else f'\\x{b:02x}'
+  try:
+    piece = vocabulary.tokenizer.id_to_piece(int(token_id))
+  except Exception:  # pylint: disable=broad-except
+    return f'<{token_id}>'
+  return piece.replace('\u2581', ' ')
+
+
+def token_class(text: str) -> str:
+  """whitespace / punctuation / keyword / identifier / digit / special / other, of a token's text."""
+  if text in ('<bos>', '<pad>', '</s>', '<unk>') or re.fullmatch(r'<\d+>', text):
+    return 'special'
+  if text.startswith('\\x'):
+    return 'other'
+  if text == '' or text.isspace():
+    return 'whitespace'
+  core = text.strip()
+  if core.isdigit():
+    return 'digit'
+  if keyword.iskeyword(core):
+    return 'keyword'
+  if core.isidentifier():
+    return 'identifier'
+  if all(c in string.punctuation for c in core):
+    return 'punctuation'
+  return 'other'
+
+
+def display(text: str) -> str:
+  """A token's text for a table cell: whitespace made visible."""
+  return (text.replace('\\', '\\\\').replace('\n', '\\n').replace('\t', '\\t').replace('\r', '\\r')
+          .replace(' ', '␣').replace('|', '\\|'))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Counting.
+
+def layer_statistics(experts: Sequence[np.ndarray], probs: Sequence[np.ndarray], tokens: Sequence[np.ndarray],
+                     real: Sequence[np.ndarray], num_experts: int, vocabulary, starts: Sequence[np.ndarray],
+                     min_count: int = 5, top: int = 10) -> dict[str, Any]:
+  """Per-expert load, mean confidence, top tokens by ratio to base rate, and class shares of one layer.
+
+  experts, probs, tokens, real, starts: per batch [B, L] arrays (starts: decoder positions that begin a
+  sequence, where id 0 is <bos>). Only real positions count.
+  """
+  mask = np.concatenate([r.reshape(-1) for r in real]).astype(bool)
+  e = np.concatenate([x.reshape(-1) for x in experts])[mask].astype(np.int64)
+  p = np.concatenate([x.reshape(-1) for x in probs])[mask].astype(np.float64)
+  t = np.concatenate([x.reshape(-1) for x in tokens])[mask].astype(np.int64)
+  s = np.concatenate([x.reshape(-1) for x in starts])[mask].astype(bool)
+  total = int(mask.sum())
+  vocab = int(t.max()) + 1 if t.size else 1
+  per_token = np.bincount(t, minlength=vocab)
+  joint = np.zeros((num_experts, vocab), np.int64)
+  np.add.at(joint, (e, t), 1)
+  counts = np.bincount(e, minlength=num_experts)
+  conf = np.bincount(e, weights=p, minlength=num_experts)
+  texts = {int(i): token_text(vocabulary, int(i), decoder_start=bool(s[t == i].any()) if i == 0 else False)
+           for i in np.nonzero(per_token)[0]}
+  classes = {i: token_class(x) for i, x in texts.items()}
+
+  def class_shares(row: np.ndarray) -> dict[str, float]:
+    n = row.sum()
+    shares = collections.Counter()
+    for i in np.nonzero(row)[0]:
+      shares[classes[int(i)]] += row[i]
+    return {c: float(shares[c] / n) if n else 0.0 for c in CLASSES}
+
+  out_experts = []
+  for x in range(num_experts):
+    n_e = int(counts[x])
+    tops = []
+    if n_e:
+      for i in np.nonzero(joint[x] >= min_count)[0]:
+        ratio = (joint[x, i] / n_e) / (per_token[i] / total)
+        tops.append({'id': int(i), 'text': texts[int(i)], 'class': classes[int(i)], 'count': int(joint[x, i]),
+                     'base_count': int(per_token[i]), 'ratio': float(ratio)})
+      tops.sort(key=lambda d: (-d['ratio'], -d['count'], d['id']))
+    out_experts.append({'expert': x, 'tokens': n_e, 'load': n_e / total if total else 0.0,
+                        'mean_confidence': float(conf[x] / n_e) if n_e else None,
+                        'top_tokens': tops[:top], 'classes': class_shares(joint[x])})
+  return {'num_experts': num_experts, 'tokens': total, 'base_classes': class_shares(per_token),
+          'experts': out_experts}
+
+
+def decoder_starts(batch: dict[str, np.ndarray]) -> np.ndarray:
+  """[B, L] True where a decoder sequence starts (position 0 of each packed segment)."""
+  if 'decoder_positions' in batch:
+    return batch['decoder_positions'] == 0
+  starts = np.zeros(batch['decoder_input_tokens'].shape, bool)
+  starts[:, 0] = True
+  return starts
+
+
+def analyse(run: Run, max_batches: Optional[int], min_count: int = 5, top: int = 10,
+            sample_tokens: int = 96) -> dict[str, Any]:
+  """The whole report (JSON-able): per layer statistics and a routed text sample."""
+  per_layer, batches = routing_per_token(run, run.batches(max_batches))
+  if not batches:
+    raise UserError(f'The {run.dataset_cfg.split!r} split of {run.dataset_cfg.mixture_or_task_name!r} gave '
+                    'no batch.')
+  if not per_layer:
+    raise UserError('The model sowed no per-token routing: no sparse MoE layer ran.')
+  report = {'checkpoint': run.checkpoint_dir, 'step': run.step, 'config': run.config_path,
+            'task': run.dataset_cfg.mixture_or_task_name, 'split': run.dataset_cfg.split,
+            'batches': len(batches), 'batch_size': run.dataset_cfg.batch_size,
+            'vocabulary': 'byte' if _is_byte_vocabulary(run.vocabulary) else 'sentencepiece',
+            'min_count': min_count, 'top': top, 'layers': {}}
+  for layer in sorted(per_layer):
+    streams = [stream_tokens(b, layer) for b in batches]
+    is_encoder = layer.split('/')[0] == 'encoder'
+    starts = [np.zeros_like(r) if is_encoder else decoder_starts(b) for b, (_, r) in zip(batches, streams)]
+    num_experts = _num_experts(run, layer)
+    stats = layer_statistics(per_layer[layer]['expert'], per_layer[layer]['probability'],
+                             [t for t, _ in streams], [r for _, r in streams], num_experts, run.vocabulary,
+                             starts, min_count=min_count, top=top)
+    stats['sample'] = text_sample(batches[0], per_layer[layer]['expert'][0], per_layer[layer]['probability'][0],
+                                  layer, run.vocabulary, sample_tokens)
+    report['layers'][layer] = stats
+  return report
+
+
+def _num_experts(run: Run, layer: str) -> int:
+  stack = layer.split('/')[0]
+  moe = getattr(run.model, 'encoder_moe' if stack == 'encoder' else 'decoder_moe', None) or getattr(
+      run.model, 'moe', None)
+  return moe.num_experts if moe is not None else max(run.num_experts)
+
+
+def text_sample(batch: dict[str, np.ndarray], experts: np.ndarray, probs: np.ndarray, layer: str, vocabulary,
+                length: int) -> dict[str, list]:
+  """The first `length` real positions of the batch's first row: token texts, chosen experts, probabilities."""
+  tokens, real = stream_tokens(batch, layer)
+  starts = (np.zeros_like(real) if layer.split('/')[0] == 'encoder' else decoder_starts(batch))
+  idx = np.nonzero(real[0])[0][:length]
+  return {'tokens': [token_text(vocabulary, int(tokens[0, i]), bool(starts[0, i])) for i in idx],
+          'expert': [int(experts[0, i]) for i in idx], 'probability': [float(probs[0, i]) for i in idx]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing.
+
+def _slug(layer: str) -> str:
+  return re.sub(r'[^A-Za-z0-9]+', '_', layer).strip('_')
+
+
+def expert_colours(num_experts: int) -> list[tuple[float, float, float]]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  colours = []
+  for name, part in _PALETTES:
+    colours.extend(tuple(c[:3]) for c in matplotlib.colormaps[name].colors[part])
+  if num_experts > len(colours):  # beyond 60 experts: evenly spaced hues
+    cmap = matplotlib.colormaps['hsv']
+    return [tuple(cmap(i / num_experts)[:3]) for i in range(num_experts)]
+  return colours[:num_experts]
+
+
+def write_heatmap(path: str, layer: str, stats: dict[str, Any]) -> None:
+  """Experts (rows) × sample positions (columns): the chosen expert's cell in its colour, shaded by the
+  router's top-1 probability; the tokens label the columns."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  sample, num_experts = stats['sample'], stats['num_experts']
+  colours = expert_colours(num_experts)
+  n = len(sample['tokens'])
+  image = np.ones((num_experts, max(n, 1), 3))
+  for pos, (e, p) in enumerate(zip(sample['expert'], sample['probability'])):
+    shade = 0.35 + 0.65 * p  # low confidence is paler
+    image[e, pos] = 1.0 - shade * (1.0 - np.asarray(colours[e]))
+  fig, ax = plt.subplots(figsize=(min(2 + 0.16 * n, 40), 1.2 + 0.3 * num_experts))
+  ax.imshow(image, aspect='auto', interpolation='nearest')
+  ax.set_yticks(range(num_experts))
+  ax.set_yticklabels([f'expert {e}' for e in range(num_experts)], fontsize=7)
+  ax.set_xticks(range(n))
+  ax.set_xticklabels([display(t) for t in sample['tokens']], fontsize=6, rotation=90, family='monospace')
+  ax.set_title(f'{layer}: top-1 expert per token (shade: router probability)', fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_html(path: str, layer: str, stats: dict[str, Any], report: dict[str, Any]) -> None:
+  """The sample's text, every token on the background of its expert's colour, with a legend."""
+  colours = expert_colours(stats['num_experts'])
+  hexes = ['#%02x%02x%02x' % tuple(int(255 * (0.45 + 0.55 * c)) for c in col) for col in colours]
+  sample = stats['sample']
+  spans = []
+  for text, e, p in zip(sample['tokens'], sample['expert'], sample['probability']):
+    shown = text if not text.startswith('<') else f'⟨{text[1:-1]}⟩'
+    title = f'expert {e}, p={p:.2f}, {display(text)}'
+    body = html.escape(shown).replace('\n', '↵\n')
+    spans.append(f'<span class="t" style="background:{hexes[e]}" title="{html.escape(title)}">{body}</span>')
+  legend = ''.join(
+      f'<span class="t" style="background:{hexes[ex["expert"]]}">expert {ex["expert"]}: load '
+      f'{ex["load"]:.1%}</span> ' for ex in stats['experts'])
+  page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(layer)}: tokens by expert</title>
+<style>body{{font-family:sans-serif}} pre{{white-space:pre-wrap;line-height:1.6}}
+.t{{font-family:monospace;padding:1px 0;border-radius:2px}}</style></head>
+<body><h2>{html.escape(layer)}: each token coloured by its top-1 expert</h2>
+<p>{html.escape(report['checkpoint'])} (step {report['step']}), {html.escape(report['task'])}
+({html.escape(report['split'])}), the first {len(sample['tokens'])} tokens of a sample. Hover a token for
+its expert and router probability.</p>
+<p>{legend}</p>
+<pre>{''.join(spans)}</pre>
+</body></html>
+"""
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(page)
+
+
+def markdown(report: dict[str, Any]) -> str:
+  lines = [f'# Expert specialisation: {report["checkpoint"]} (step {report["step"]})', '',
+           f'{report["task"]} ({report["split"]}), {report["batches"]} batches of {report["batch_size"]}; '
+           f'{report["vocabulary"]} vocabulary. Top tokens: ratio of the token\'s rate among the expert\'s '
+           f'tokens to its base rate, tokens the expert received at least {report["min_count"]} times.', '']
+  for layer, stats in report['layers'].items():
+    base = stats['base_classes']
+    lines += [f'## {layer} ({stats["tokens"]:,} tokens)', '',
+              'base classes: ' + ', '.join(f'{c} {base[c]:.0%}' for c in CLASSES if base[c] > 0), '',
+              '| expert | load | mean confidence | main class (share / base) | top tokens (ratio) |',
+              '|---:|---:|---:|---|---|']
+    for ex in stats['experts']:
+      conf = '—' if ex['mean_confidence'] is None else f'{ex["mean_confidence"]:.3f}'
+      lift = {c: ex['classes'][c] / base[c] for c in CLASSES if base[c] >= 0.01 and ex['tokens']}
+      main = max(lift, key=lift.get) if lift else None
+      main_text = f'{main} ({ex["classes"][main]:.0%} / {base[main]:.0%})' if main else '—'
+      tops = ' '.join(f'`{display(t["text"])}`×{t["ratio"]:.1f}' for t in ex['top_tokens']) or '—'
+      lines.append(f'| {ex["expert"]} | {ex["load"]:.1%} | {conf} | {main_text} | {tops} |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def write_outputs(report: dict[str, Any], out_dir: str) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  for layer, stats in report['layers'].items():
+    files = {'heatmap': f'heatmap_{_slug(layer)}.png', 'html': f'routing_{_slug(layer)}.html'}
+    write_heatmap(os.path.join(out_dir, files['heatmap']), layer, stats)
+    write_html(os.path.join(out_dir, files['html']), layer, stats, report)
+    stats['files'] = files
+  text = markdown(report)
+  with open(os.path.join(out_dir, 'expert_analysis.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+  with open(os.path.join(out_dir, 'expert_analysis.md'), 'w') as f:
+    f.write(text + '\n')
+  return text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point.
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description='What the experts of an MoE checkpoint specialise in.')
+  parser.add_argument('--checkpoint', required=True, help='a MODEL_DIR (latest checkpoint) or checkpoint_<step>')
+  parser.add_argument('--out_dir', default=None, help='default: MODEL_DIR/expert_analysis')
+  parser.add_argument('--batches', type=int, default=20, help='validation batches to route (default 20)')
+  parser.add_argument('--task', default=None, help='default: the run\'s MIXTURE_OR_TASK_NAME')
+  parser.add_argument('--split', default='validation')
+  parser.add_argument('--min_count', type=int, default=5,
+                      help='a top token must reach the expert at least this often (default 5)')
+  parser.add_argument('--top', type=int, default=10, help='top tokens per expert (default 10)')
+  parser.add_argument('--sample_tokens', type=int, default=96, help='tokens in the heat map / HTML sample')
+  parser.add_argument('--debug', action='store_true', help='show the stack trace of bad-input errors')
+  return parser.parse_args(argv)
+
+
+def run_analysis(args: argparse.Namespace, print_fn=print) -> dict[str, Any]:
+  if args.batches is not None and args.batches <= 0:
+    raise UserError(f'--batches {args.batches} must be a positive number of batches.')
+  if args.min_count < 1 or args.top < 1 or args.sample_tokens < 1:
+    raise UserError('--min_count, --top and --sample_tokens must be positive.')
+  run = Run(args.checkpoint, task=args.task, split=args.split)
+  out_dir = args.out_dir or os.path.join(run.model_dir, 'expert_analysis')
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+      raise PermissionError(13, 'Permission denied')
+  except OSError as e:
+    raise UserError(f'--out_dir {out_dir} is not writable: {e.strerror or e}.') from e
+  report = analyse(run, args.batches, min_count=args.min_count, top=args.top,
+                   sample_tokens=args.sample_tokens)
+  report['out_dir'] = os.path.abspath(out_dir)
+  print_fn(write_outputs(report, out_dir))
+  print_fn(f'Wrote {os.path.join(out_dir, "expert_analysis.json")}, expert_analysis.md and a heat map PNG '
+           f'and HTML page per layer ({len(report["layers"])} layers).')
+  return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  debug = '--debug' in argv or os.environ.get('ST_MOE_DEBUG') == '1'
+  from tasks import common  # pylint: disable=g-import-not-at-top
+  try:
+    return run_analysis(parse_args(argv))
+  except (UserError, common.TaskInputError, ckpt_lib.CheckpointShapeError) as e:
+    if debug:
+      raise
+    message = ' '.join(line.strip() for line in str(e).splitlines()
+                       if not line.strip().startswith('In call to configurable'))
+    print(f'ERROR: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  main()
