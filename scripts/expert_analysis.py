@@ -198,20 +198,31 @@ def token_text(vocabulary, token_id: int, decoder_start: bool = False) -> str:
     special = getattr(vocabulary, '_num_special_tokens', 3)
     if token_id == 1:
       return '</s>'
-    if token_id < special or token_id >= special + 256:
+    if token_id >= special + 256:
+      return _sentinel(vocabulary, token_id)
+    if token_id < special:
       return '<unk>'
     b = token_id - special
     return chr(b) if b < 128 else f'\\x{b:02x}'
   try:
     piece = vocabulary.tokenizer.id_to_piece(int(token_id))
-  except Exception:  # pylint: disable=broad-except
-    return f'<{token_id}>'
+  except Exception:  # pylint: disable=broad-except  (an id past the SentencePiece model: a sentinel)
+    return _sentinel(vocabulary, token_id)
   return piece.replace('\u2581', ' ')
+
+
+def _sentinel(vocabulary, token_id: int) -> str:
+  """seqio's sentinels count down from the top id: <extra_id_0> is vocab_size - 1."""
+  n = vocabulary.vocab_size - 1 - int(token_id)
+  return f'<extra_id_{n}>' if n >= 0 else '<unk>'
+
+
+_SPECIAL = re.compile(r'<bos>|<pad>|</s>|<unk>|<extra_id_\d+>')
 
 
 def token_class(text: str) -> str:
   """whitespace / punctuation / keyword / identifier / digit / special / other, of a token's text."""
-  if text in ('<bos>', '<pad>', '</s>', '<unk>') or re.fullmatch(r'<\d+>', text):
+  if _SPECIAL.fullmatch(text):
     return 'special'
   if text.startswith('\\x'):
     return 'other'
@@ -235,16 +246,61 @@ def display(text: str) -> str:
           .replace(' ', '␣').replace('|', '\\|'))
 
 
+# Where a token sits in the text: a byte of `return` is a keyword byte although the byte itself is a letter.
+CONTEXTS = ('indentation', 'whitespace', 'comment', 'string', 'keyword', 'identifier', 'number',
+            'punctuation', 'special', 'other')
+_LEXEME = re.compile(r"""
+    (?P<indentation>(?<![^\n\x00])[ \t]+)
+  | (?P<whitespace>\n|[^\S\n]+)
+  | (?P<comment>\#[^\n]*)
+  | (?P<string>[rbuRBUfF]{0,2}(?:'[^'\n\\]*(?:\\.[^'\n\\]*)*'?|"[^"\n\\]*(?:\\.[^"\n\\]*)*"?))
+  | (?P<word>[^\W\d]\w*)
+  | (?P<number>\d[\w.]*)
+  | (?P<punctuation>[!-/:-@\[-`{-~])
+  | (?P<other>.)
+""", re.VERBOSE | re.DOTALL)
+
+
+def token_contexts(texts: Sequence[str]) -> list[str]:
+  """The context class of each token of a sequence: the Python lexeme (a rough, line-local lexer) its first
+  non-space character falls in; 'indentation' / 'whitespace' for tokens of whitespace only, 'special' for
+  <bos>, </s>, ... Strings and comments do not span lines (a triple-quoted docstring's lines read as code)."""
+  pieces, starts, offset = [], [], 0
+  for text in texts:
+    piece = '\x00' if token_class(text) == 'special' else (
+        '\ufffd' if text.startswith('\\x') else text)
+    starts.append(offset)
+    pieces.append(piece)
+    offset += len(piece)
+  joined = ''.join(pieces)
+  kind = [''] * len(joined)
+  for m in _LEXEME.finditer(joined):
+    name = m.lastgroup
+    if name == 'word':
+      name = 'keyword' if keyword.iskeyword(m.group()) else 'identifier'
+    kind[m.start():m.end()] = [name] * (m.end() - m.start())
+  out = []
+  for text, piece, start in zip(texts, pieces, starts):
+    if piece == '\x00':
+      out.append('special')
+      continue
+    where = next((start + i for i, c in enumerate(piece) if not c.isspace()), None)
+    out.append(kind[start] if where is None else kind[where])
+  return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Counting.
 
 def layer_statistics(experts: Sequence[np.ndarray], probs: Sequence[np.ndarray], tokens: Sequence[np.ndarray],
                      real: Sequence[np.ndarray], num_experts: int, vocabulary, starts: Sequence[np.ndarray],
-                     min_count: int = 5, top: int = 10) -> dict[str, Any]:
+                     min_count: int = 5, top: int = 10,
+                     contexts: Optional[Sequence[np.ndarray]] = None) -> dict[str, Any]:
   """Per-expert load, mean confidence, top tokens by ratio to base rate, and class shares of one layer.
 
   experts, probs, tokens, real, starts: per batch [B, L] arrays (starts: decoder positions that begin a
-  sequence, where id 0 is <bos>). Only real positions count.
+  sequence, where id 0 is <bos>); contexts: per batch [B, L] indices into CONTEXTS. Only real positions
+  count.
   """
   mask = np.concatenate([r.reshape(-1) for r in real]).astype(bool)
   e = np.concatenate([x.reshape(-1) for x in experts])[mask].astype(np.int64)
@@ -269,6 +325,13 @@ def layer_statistics(experts: Sequence[np.ndarray], probs: Sequence[np.ndarray],
       shares[classes[int(i)]] += row[i]
     return {c: float(shares[c] / n) if n else 0.0 for c in CLASSES}
 
+  if contexts is not None:
+    ctx = np.concatenate([x.reshape(-1) for x in contexts])[mask].astype(np.int64)
+    by_context = np.zeros((num_experts, len(CONTEXTS)), np.int64)
+    np.add.at(by_context, (e, ctx), 1)
+    context_shares = lambda row: {c: float(row[i] / row.sum()) if row.sum() else 0.0
+                                  for i, c in enumerate(CONTEXTS)}
+
   out_experts = []
   for x in range(num_experts):
     n_e = int(counts[x])
@@ -282,8 +345,12 @@ def layer_statistics(experts: Sequence[np.ndarray], probs: Sequence[np.ndarray],
     out_experts.append({'expert': x, 'tokens': n_e, 'load': n_e / total if total else 0.0,
                         'mean_confidence': float(conf[x] / n_e) if n_e else None,
                         'top_tokens': tops[:top], 'classes': class_shares(joint[x])})
-  return {'num_experts': num_experts, 'tokens': total, 'base_classes': class_shares(per_token),
-          'experts': out_experts}
+    if contexts is not None:
+      out_experts[-1]['contexts'] = context_shares(by_context[x])
+  out = {'num_experts': num_experts, 'tokens': total, 'base_classes': class_shares(per_token)}
+  if contexts is not None:
+    out['base_contexts'] = context_shares(by_context.sum(0))
+  return {**out, 'experts': out_experts}
 
 
 def decoder_starts(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -309,18 +376,35 @@ def analyse(run: Run, max_batches: Optional[int], min_count: int = 5, top: int =
             'batches': len(batches), 'batch_size': run.dataset_cfg.batch_size,
             'vocabulary': 'byte' if _is_byte_vocabulary(run.vocabulary) else 'sentencepiece',
             'min_count': min_count, 'top': top, 'layers': {}}
+  texts: dict[tuple[int, bool], str] = {}
   for layer in sorted(per_layer):
     streams = [stream_tokens(b, layer) for b in batches]
     is_encoder = layer.split('/')[0] == 'encoder'
     starts = [np.zeros_like(r) if is_encoder else decoder_starts(b) for b, (_, r) in zip(batches, streams)]
     num_experts = _num_experts(run, layer)
+    contexts = [row_contexts(t, st, run.vocabulary, texts) for (t, _), st in zip(streams, starts)]
     stats = layer_statistics(per_layer[layer]['expert'], per_layer[layer]['probability'],
                              [t for t, _ in streams], [r for _, r in streams], num_experts, run.vocabulary,
-                             starts, min_count=min_count, top=top)
+                             starts, min_count=min_count, top=top, contexts=contexts)
     stats['sample'] = text_sample(batches[0], per_layer[layer]['expert'][0], per_layer[layer]['probability'][0],
                                   layer, run.vocabulary, sample_tokens)
     report['layers'][layer] = stats
   return report
+
+
+def row_contexts(tokens: np.ndarray, starts: np.ndarray, vocabulary, cache: dict) -> np.ndarray:
+  """[B, L] indices into CONTEXTS of each position (token_contexts over each row)."""
+  out = np.zeros(tokens.shape, np.int32)
+  index = {c: i for i, c in enumerate(CONTEXTS)}
+  for b in range(tokens.shape[0]):
+    row = []
+    for tok, start in zip(tokens[b].tolist(), starts[b].tolist()):
+      key = (tok, bool(start) and tok == 0)
+      if key not in cache:
+        cache[key] = token_text(vocabulary, tok, decoder_start=key[1])
+      row.append(cache[key])
+    out[b] = [index[c] for c in token_contexts(row)]
+  return out
 
 
 def _num_experts(run: Run, layer: str) -> int:
@@ -422,17 +506,30 @@ def markdown(report: dict[str, Any]) -> str:
     base = stats['base_classes']
     lines += [f'## {layer} ({stats["tokens"]:,} tokens)', '',
               'base classes: ' + ', '.join(f'{c} {base[c]:.0%}' for c in CLASSES if base[c] > 0), '',
-              '| expert | load | mean confidence | main class (share / base) | top tokens (ratio) |',
-              '|---:|---:|---:|---|---|']
+              'base contexts: ' + ', '.join(f'{c} {v:.0%}' for c, v in stats['base_contexts'].items()
+                                            if v > 0), '',
+              '| expert | load | mean confidence | main class (share / base) | main context (share / base) '
+              '| top tokens (ratio) |',
+              '|---:|---:|---:|---|---|---|']
     for ex in stats['experts']:
       conf = '—' if ex['mean_confidence'] is None else f'{ex["mean_confidence"]:.3f}'
       lift = {c: ex['classes'][c] / base[c] for c in CLASSES if base[c] >= 0.01 and ex['tokens']}
       main = max(lift, key=lift.get) if lift else None
       main_text = f'{main} ({ex["classes"][main]:.0%} / {base[main]:.0%})' if main else '—'
+      main_context = _main_lift(ex['contexts'], stats['base_contexts']) if ex['tokens'] else '—'
       tops = ' '.join(f'`{display(t["text"])}`×{t["ratio"]:.1f}' for t in ex['top_tokens']) or '—'
-      lines.append(f'| {ex["expert"]} | {ex["load"]:.1%} | {conf} | {main_text} | {tops} |')
+      lines.append(f'| {ex["expert"]} | {ex["load"]:.1%} | {conf} | {main_text} | {main_context} | {tops} |')
     lines.append('')
   return '\n'.join(lines)
+
+
+def _main_lift(shares: dict[str, float], base: dict[str, float]) -> str:
+  """The class whose share most exceeds its base share (classes of at least 1% of the base)."""
+  lift = {c: shares[c] / base[c] for c in base if base[c] >= 0.01}
+  if not lift:
+    return '—'
+  main = max(lift, key=lift.get)
+  return f'{main} ({shares[main]:.0%} / {base[main]:.0%})'
 
 
 def write_outputs(report: dict[str, Any], out_dir: str) -> str:

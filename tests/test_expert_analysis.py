@@ -90,22 +90,30 @@ def direct_routing(model_dir: str):
   params = ocp.PyTreeCheckpointer().restore(os.path.join(model_dir, f'checkpoint_{STEP}', 'params'))
   kernel = np.asarray(params['decoder']['layers_1']['mlp']['router']['router_weights']['w']['kernel'])
   cfg = data_lib.DatasetConfig('stdlib_lm', {'targets': 32}, 'validation', 8, shuffle=False, num_epochs=1)
-  out = []
-  for i, batch in enumerate(data_lib.DataIterator(data_lib.get_dataset(cfg, data_lib.DECODER_ONLY))):
-    if i == BATCHES:
-      break
+  paths = []
+
+  @jax.jit
+  def router_inputs(batch):
     captured = []
 
     def interceptor(next_fun, args, kwargs, context):
       if isinstance(context.module, LinearRouter):
-        captured.append((context.module.scope.path, np.asarray(args[0])))
+        paths.append(context.module.scope.path)
+        captured.append(args[0])
       return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
       model.apply({'params': params}, **trainer_lib.model_inputs(batch, data_lib.DECODER_ONLY),
                   enable_dropout=False)
-    (path, x), = captured
-    assert path[:2] == ('decoder', 'layers_1')
+    return captured
+
+  out = []
+  for i, batch in enumerate(data_lib.DataIterator(data_lib.get_dataset(cfg, data_lib.DECODER_ONLY))):
+    if i == BATCHES:
+      break
+    x, = router_inputs(batch)
+    x = np.asarray(x)
+    assert paths[0][:2] == ('decoder', 'layers_1')
     logits = x.astype(np.float64) @ kernel  # [G, T, E]
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -146,6 +154,14 @@ def test_counts_match_a_direct_computation(model_dir, report):
       assert g['count'] == count and g['base_count'] == base[t]
       assert g['ratio'] == pytest.approx(ratio, rel=1e-9)
   assert sum(s['tokens'] for s in layer['experts']) == total
+  # Class and context shares: each sums to 1 and the load-weighted mean over experts is the base.
+  for key, base_key in (('classes', 'base_classes'), ('contexts', 'base_contexts')):
+    for stats in layer['experts']:
+      if stats['tokens']:
+        assert sum(stats[key].values()) == pytest.approx(1.0)
+    for name, share in layer[base_key].items():
+      assert share == pytest.approx(sum(s['load'] * s[key][name] for s in layer['experts']), abs=1e-9)
+  assert layer['base_contexts']['indentation'] > 0 and layer['base_contexts']['keyword'] > 0
 
 
 def test_outputs_written(report):
@@ -183,6 +199,23 @@ def test_token_text_and_classes():
       'special', 'other', 'identifier']
 
 
+def test_token_contexts_follow_python_lexemes():
+  import expert_analysis as ea
+  text = "def f(x):\n    # hi\n    return x + 12 if 'a b' else None\n"
+  got = ea.token_contexts(['<bos>'] + list(text))
+  assert got[0] == 'special'
+  spans = {'def': 'keyword', ' f': 'whitespace', '(': 'punctuation', '    #': 'indentation', '# hi': 'comment',
+           'return': 'keyword', '12': 'number', "'a b'": 'string', 'None': 'keyword', '\n': 'whitespace'}
+  for span, context in spans.items():
+    start = text.index(span)
+    assert got[1 + start] == context, span
+  assert got[1 + text.index('x)')] == 'identifier'
+  # SentencePiece pieces: the context of a piece's first non-space character.
+  assert ea.token_contexts(['<bos>', 'def', ' foo', '(', ')', ':', '\n', '    ', ' return', ' 1', '0']) == [
+      'special', 'keyword', 'identifier', 'punctuation', 'punctuation', 'punctuation', 'whitespace',
+      'indentation', 'keyword', 'number', 'number']
+
+
 def test_moe_layer_sows_top1_per_token():
   import flax.linen as nn
   import jax
@@ -190,13 +223,15 @@ def test_moe_layer_sows_top1_per_token():
   from st_moe_jax import moe
   from st_moe_jax.config import MoeConfig
   layer = moe.MoeLayer(MoeConfig(num_experts=4, expert_mlp_dim=8, expert_activations=('relu',),
-                                 group_size=6, group_multiple=1))
+                                 group_size=4, group_multiple=4))  # 10 tokens: padded to 12
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16))
-  variables = layer.init(jax.random.PRNGKey(1), x, enable_dropout=False)
-  y, state = jax.jit(lambda v, x: layer.apply(v, x, enable_dropout=False, mutable=['intermediates']))(
-      variables, x)
-  y_plain = jax.jit(lambda v, x: layer.apply(v, x, enable_dropout=False))(variables, x)
-  np.testing.assert_array_equal(y, y_plain)
+
+  @jax.jit
+  def init_and_apply(x):
+    variables = layer.init(jax.random.PRNGKey(1), x, enable_dropout=False)
+    return variables, layer.apply(variables, x, enable_dropout=False, mutable=['intermediates'])[1]
+
+  variables, state = init_and_apply(x)
   inter = state['intermediates']
   kernel = nn.unbox(variables['params']['router']['router_weights']['w']['kernel'])
   probs = jax.nn.softmax(jnp.einsum('blh,he->ble', x, kernel), axis=-1)
