@@ -203,6 +203,8 @@ def token_text(vocabulary, token_id: int, decoder_start: bool = False) -> str:
     if token_id < special:
       return '<unk>'
     b = token_id - special
+    if b >= 0xf5:  # never in UTF-8 text: seqio's sentinels (span corruption) count down from the top id
+      return _sentinel(vocabulary, token_id)
     return chr(b) if b < 128 else f'\\x{b:02x}'
   try:
     piece = vocabulary.tokenizer.id_to_piece(int(token_id))

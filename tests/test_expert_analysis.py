@@ -21,10 +21,11 @@ GIN_FILES = ['gin/runs/pretrain.gin', 'gin/models/st_moe_tiny.gin', 'gin/runs/de
 # tests/test_preemption.py's tiny dims; 8 x 32 tokens cut into 4 routing groups of 64.
 BINDINGS = ["MIXTURE_OR_TASK_NAME = 'stdlib_lm'", "TASK_FEATURE_LENGTHS = {'targets': 32}", 'BATCH_SIZE = 8',
             'EMBED_DIM = 32', 'MLP_DIM = 48', 'NUM_HEADS = 2', 'HEAD_DIM = 16', 'NUM_EXPERTS = 4',
-            'EXPERT_MLP_DIM = 32', 'GROUP_SIZE = 64', f'TRAIN_STEPS = {STEP}', 'EVAL_PERIOD = 0']
+            'EXPERT_MLP_DIM = 32', 'GROUP_SIZE = 64', f'TRAIN_STEPS = {STEP}', 'EVAL_PERIOD = 0',
+            "DISPATCH_METHOD = 'einsum'"]  # compiles faster than 'gather' (same routing)
 
 
-def make_checkpoint(model_dir: str, bindings=(), router_scale: float = 30.0) -> None:
+def make_checkpoint(model_dir: str, bindings=(), router_scale: float = 30.0, gin_files=GIN_FILES) -> None:
   """MODEL_DIR/checkpoint_<STEP>/params (fresh parameters, the router kernels scaled so that routing is far
   from uniform) and MODEL_DIR/config.gin, the operative config train.py writes: train() is called on the
   finished MODEL_DIR, which it leaves at once, after gin has recorded the model and data bindings."""
@@ -36,12 +37,15 @@ def make_checkpoint(model_dir: str, bindings=(), router_scale: float = 30.0) -> 
   cwd = os.getcwd()
   os.chdir(REPO)
   try:
-    gin_setup.parse_model_gin(GIN_FILES, BINDINGS + [f"MODEL_DIR = '{model_dir}'", *bindings])
+    gin_setup.parse_model_gin(gin_files, BINDINGS + [f"MODEL_DIR = '{model_dir}'", *bindings])
     model = gin_setup.architecture()
     mesh = cli.create_mesh(1, 1, model, devices=jax.devices()[:1])
     evaluator = trainer_lib.Evaluator(model, mesh, model_kind=cli.model_kind(model))
     zeros = np.zeros((8, 32), np.int32)
-    evaluator.prepare({'decoder_input_tokens': zeros, 'decoder_target_tokens': zeros})
+    batch = {'decoder_input_tokens': zeros, 'decoder_target_tokens': zeros}
+    if evaluator.kind == 'encoder_decoder':
+      batch['encoder_input_tokens'] = zeros
+    evaluator.prepare(batch)
     params = jax.device_get(evaluator.init_params())
     params = jax.tree_util.tree_map_with_path(
         lambda path, leaf: leaf * router_scale if 'router' in jax.tree_util.keystr(path) else leaf, params)
@@ -192,7 +196,7 @@ def test_token_text_and_classes():
   texts = [ea.token_text(vocab, i) for i in ids]
   assert texts == list('def x1 ( 7\n\t')
   assert ea.token_text(vocab, 0, decoder_start=True) == '<bos>' and ea.token_text(vocab, 1) == '</s>'
-  assert ea.token_text(vocab, 3 + 0xc3) == '\\xc3'
+  assert ea.token_text(vocab, 3 + 0xc3) == '\\xc3' and ea.token_text(vocab, 258) == '<extra_id_0>'
   assert [ea.token_class(t) for t in ('    ', '\n', '(', '==', 'def', ' return', 'foo_1', '42', '<bos>',
                                        '\\xc3', 'é')] == [
       'whitespace', 'whitespace', 'punctuation', 'punctuation', 'keyword', 'keyword', 'identifier', 'digit',
@@ -223,7 +227,8 @@ def test_moe_layer_sows_top1_per_token():
   from st_moe_jax import moe
   from st_moe_jax.config import MoeConfig
   layer = moe.MoeLayer(MoeConfig(num_experts=4, expert_mlp_dim=8, expert_activations=('relu',),
-                                 group_size=4, group_multiple=4))  # 10 tokens: padded to 12
+                                 group_size=4, group_multiple=4,
+                                 dispatch_method='einsum'))  # 10 tokens: padded to 12
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16))
 
   @jax.jit
@@ -237,6 +242,24 @@ def test_moe_layer_sows_top1_per_token():
   probs = jax.nn.softmax(jnp.einsum('blh,he->ble', x, kernel), axis=-1)
   np.testing.assert_array_equal(inter[moe.TOP1_EXPERT][0], np.argmax(probs, -1))
   np.testing.assert_allclose(inter[moe.TOP1_PROBABILITY][0], np.max(probs, -1), rtol=1e-5)
+
+
+def test_encoder_decoder_both_stacks(tmp_path):
+  import expert_analysis
+  model_dir = str(tmp_path / 'encdec')
+  make_checkpoint(model_dir, ["MIXTURE_OR_TASK_NAME = 'stdlib_span_corruption'",
+                              "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 8}"],
+                  gin_files=GIN_FILES[:2])
+  rep = expert_analysis.run_analysis(expert_analysis.parse_args(
+      ['--checkpoint', model_dir, '--batches', '1', '--sample_tokens', '16']), print_fn=lambda _: None)
+  assert list(rep['layers']) == ['decoder/layers_1', 'encoder/layers_1']
+  for name, layer in rep['layers'].items():
+    assert sum(ex['load'] for ex in layer['experts']) == pytest.approx(1.0)
+    assert len(layer['sample']['tokens']) == (16 if name.startswith('encoder') else 8)
+    for f in layer['files'].values():
+      assert os.path.exists(os.path.join(model_dir, 'expert_analysis', f))
+  assert rep['layers']['decoder/layers_1']['sample']['tokens'][0] == '<bos>'
+  assert rep['layers']['encoder/layers_1']['sample']['tokens'][0] != '<bos>'
 
 
 def _error(cli_error, argv):
