@@ -591,6 +591,8 @@ def run_analysis(args: argparse.Namespace, print_fn=print) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
   argv = sys.argv[1:] if argv is None else list(argv)
+  import logging  # pylint: disable=g-import-not-at-top
+  logging.getLogger('absl').setLevel(logging.ERROR)  # orbax's metadata warnings, as the entry points
   debug = '--debug' in argv or os.environ.get('ST_MOE_DEBUG') == '1'
   from tasks import common  # pylint: disable=g-import-not-at-top
   try:
