@@ -126,7 +126,18 @@ class Run:
     # Shapes from the pipeline's spec (batch axis: the configured batch size; short batches are padded).
     self.evaluator.prepare({k: np.zeros((batch_size,) + tuple(s.shape[1:]), s.dtype.as_numpy_dtype)
                             for k, s in spec.items()})
-    self.params, _ = ckpt_lib.restore_params(self.checkpoint_dir, self.evaluator.abstract_params)
+    # Without its tree metadata the checkpoint reads as empty, which would look like another model.
+    if not os.path.exists(os.path.join(self.checkpoint_dir, 'params', '_METADATA')):
+      raise ckpt_lib.CheckpointCorruptError(
+          None, f'The parameters in {self.checkpoint_dir} could not be read: params/_METADATA is missing.')
+    try:
+      self.params, _ = ckpt_lib.restore_params(self.checkpoint_dir, self.evaluator.abstract_params)
+    except ckpt_lib.CheckpointShapeError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (orbax / TensorStore: missing or damaged files)
+      raise ckpt_lib.CheckpointCorruptError(
+          None, f'The parameters in {self.checkpoint_dir} could not be read: '
+          f'{ckpt_lib._root_cause(e)}') from e  # pylint: disable=protected-access
 
   def _parse_config(self) -> None:
     from st_moe_jax import train  # pylint: disable=g-import-not-at-top,unused-import  (registers train_script)

@@ -298,3 +298,11 @@ def test_checkpoint_not_matching_its_config_is_an_error(cli_error, model_dir, tm
     f.write(config.replace('NUM_EXPERTS = 4\n', 'NUM_EXPERTS = 8\n'))
   err = _error(cli_error, ['--checkpoint', os.path.join(other, f'checkpoint_{STEP}')])
   assert 'does not fit this model' in err and 'router' in err
+
+
+def test_damaged_checkpoint_is_an_error(cli_error, model_dir, tmp_path):
+  other = str(tmp_path / 'damaged')
+  shutil.copytree(model_dir, other, ignore=shutil.ignore_patterns('analysis'))
+  os.remove(os.path.join(other, f'checkpoint_{STEP}', 'params', '_METADATA'))
+  err = _error(cli_error, ['--checkpoint', other])
+  assert 'could not be read' in err
