@@ -13,11 +13,15 @@ and expert it reports:
   load            fraction of the layer's real tokens whose top-1 choice is the expert
   mean confidence mean top-1 router probability over those tokens
   top tokens      the tokens it receives most often relative to their base rate,
-                  ratio = (count_e(tok) / N_e) / (count(tok) / N), among tokens with count_e(tok) >= --min_count,
+                  ratio = (count_e(tok) / N_e) / (count(tok) / N), among the tokens with
+                  count_e(tok) >= --min_count,
                   highest ratio first (--top of them), each decoded (a byte for the byte vocabulary, the
                   SentencePiece piece otherwise) and classed: whitespace (indentation, newlines),
                   punctuation, keyword (Python's keyword module), identifier, digit, special, other
   classes         the share of each class among the expert's tokens, and among all tokens ('base')
+  contexts        the same for where the token sits in the text (a line-local Python lexer: indentation,
+                  whitespace, comment, string, keyword, identifier, number, punctuation): a byte of `return`
+                  is a letter as a token but sits in a keyword
 
 The token a position stands for is the token the layer reads there: the encoder's input token, and the
 decoder's input token (the previous target; '<bos>' at the start of a sequence).
@@ -33,6 +37,7 @@ one `ERROR:` line and exit status 2, as the entry points do.
 import argparse
 import collections
 import html
+import io
 import json
 import keyword
 import os
@@ -54,6 +59,7 @@ import numpy as np  # noqa: E402
 from st_moe_jax import checkpoint_manager as ckpt_lib  # noqa: E402
 from st_moe_jax import cli  # noqa: E402
 from st_moe_jax import data as data_lib  # noqa: E402
+from st_moe_jax import fileio  # noqa: E402
 from st_moe_jax import gin_setup  # noqa: E402
 from st_moe_jax import losses  # noqa: E402
 from st_moe_jax import moe as moe_lib  # noqa: E402
@@ -74,7 +80,7 @@ class Run:
   """What config.gin and the checkpoint give: model, kind, parameters, dataset config, vocabulary."""
 
   def __init__(self, checkpoint: str, task: Optional[str] = None, split: str = 'validation'):
-    if not os.path.exists(checkpoint):
+    if not fileio.exists(checkpoint):
       raise UserError(f'--checkpoint {checkpoint} does not exist: pass a MODEL_DIR (holding config.gin and '
                       'checkpoint_<step>/ folders) or one of its checkpoint_<step> folders.')
     try:
@@ -82,10 +88,11 @@ class Run:
     except FileNotFoundError as e:
       raise UserError(str(e)) from e
     self.step = ckpt_lib.checkpoint_step(self.checkpoint_dir)
-    self.model_dir = (os.path.dirname(self.checkpoint_dir) if os.path.abspath(checkpoint) == self.checkpoint_dir
-                      else os.path.abspath(checkpoint))
-    self.config_path = os.path.join(self.model_dir, 'config.gin')
-    if not os.path.exists(self.config_path):
+    self.model_dir = (fileio.dirname(self.checkpoint_dir)
+                      if fileio.absolute(checkpoint).rstrip('/') == self.checkpoint_dir.rstrip('/')
+                      else fileio.absolute(checkpoint))
+    self.config_path = fileio.join(self.model_dir, 'config.gin')
+    if not fileio.exists(self.config_path):
       raise UserError(f'{self.config_path} is missing: expert_analysis reads the model from the config.gin '
                       'st_moe_jax.train writes to MODEL_DIR; the checkpoint must sit in its MODEL_DIR.')
     self._parse_config()
@@ -127,7 +134,7 @@ class Run:
     self.evaluator.prepare({k: np.zeros((batch_size,) + tuple(s.shape[1:]), s.dtype.as_numpy_dtype)
                             for k, s in spec.items()})
     # Without its tree metadata the checkpoint reads as empty, which would look like another model.
-    if not os.path.exists(os.path.join(self.checkpoint_dir, 'params', '_METADATA')):
+    if not fileio.exists(fileio.join(self.checkpoint_dir, 'params', '_METADATA')):
       raise ckpt_lib.CheckpointCorruptError(
           None, f'The parameters in {self.checkpoint_dir} could not be read: params/_METADATA is missing.')
     try:
@@ -144,7 +151,7 @@ class Run:
     gin.clear_config()
     gin.add_config_file_search_path(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-      gin.parse_config_files_and_bindings([self.config_path], [], finalize_config=False)
+      gin.parse_config(fileio.read_text(self.config_path))  # local or gs://
     except (ValueError, IOError, SyntaxError, ImportError) as e:
       raise UserError(f'gin could not parse {self.config_path}: {e}') from e
 
@@ -174,8 +181,9 @@ def routing_per_token(run: Run, batches) -> tuple[dict[str, dict[str, list[np.nd
     _, state = model.apply({'params': params}, **trainer_lib.model_inputs(batch, kind), enable_dropout=False,
                            mutable=['intermediates'])
     inter = state.get('intermediates', {})
-    return ({k: v[0] for k, v in losses._sown_by_layer(inter, moe_lib.TOP1_EXPERT).items()},  # pylint: disable=protected-access
-            {k: v[0] for k, v in losses._sown_by_layer(inter, moe_lib.TOP1_PROBABILITY).items()})  # pylint: disable=protected-access
+    sown = losses._sown_by_layer  # pylint: disable=protected-access  (the one reader of sown values)
+    return ({k: v[0] for k, v in sown(inter, moe_lib.TOP1_EXPERT).items()},
+            {k: v[0] for k, v in sown(inter, moe_lib.TOP1_PROBABILITY).items()})
 
   apply = jax.jit(apply)
   out: dict[str, dict[str, list[np.ndarray]]] = {}
@@ -399,8 +407,9 @@ def analyse(run: Run, max_batches: Optional[int], min_count: int = 5, top: int =
     stats = layer_statistics(per_layer[layer]['expert'], per_layer[layer]['probability'],
                              [t for t, _ in streams], [r for _, r in streams], num_experts, run.vocabulary,
                              starts, min_count=min_count, top=top, contexts=contexts)
-    stats['sample'] = text_sample(batches[0], per_layer[layer]['expert'][0], per_layer[layer]['probability'][0],
-                                  layer, run.vocabulary, sample_tokens)
+    routed = per_layer[layer]
+    stats['sample'] = text_sample(batches[0], routed['expert'][0], routed['probability'][0], layer,
+                                  run.vocabulary, sample_tokens)
     report['layers'][layer] = stats
   return report
 
@@ -476,7 +485,10 @@ def write_heatmap(path: str, layer: str, stats: dict[str, Any]) -> None:
   ax.set_xticklabels([display(t) for t in sample['tokens']], fontsize=6, rotation=90, family='monospace')
   ax.set_title(f'{layer}: top-1 expert per token (shade: router probability)', fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=110)
+  with fileio.open(path, 'wb') as f:
+    f.write(buffer.getvalue())
   plt.close(fig)
 
 
@@ -506,8 +518,7 @@ its expert and router probability.</p>
 <pre>{''.join(spans)}</pre>
 </body></html>
 """
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write(page)
+  _write_utf8(path, page)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -545,18 +556,21 @@ def _main_lift(shares: dict[str, float], base: dict[str, float]) -> str:
   return f'{main} ({shares[main]:.0%} / {base[main]:.0%})'
 
 
+def _write_utf8(path: str, text: str) -> None:
+  with fileio.open(path, 'w', encoding='utf-8') as f:  # '␣', '—', '↵' whatever the locale
+    f.write(text)
+
+
 def write_outputs(report: dict[str, Any], out_dir: str) -> str:
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir)
   for layer, stats in report['layers'].items():
     files = {'heatmap': f'heatmap_{_slug(layer)}.png', 'html': f'routing_{_slug(layer)}.html'}
-    write_heatmap(os.path.join(out_dir, files['heatmap']), layer, stats)
-    write_html(os.path.join(out_dir, files['html']), layer, stats, report)
+    write_heatmap(fileio.join(out_dir, files['heatmap']), layer, stats)
+    write_html(fileio.join(out_dir, files['html']), layer, stats, report)
     stats['files'] = files
   text = markdown(report)
-  with open(os.path.join(out_dir, 'expert_analysis.json'), 'w') as f:
-    json.dump(report, f, indent=1)
-  with open(os.path.join(out_dir, 'expert_analysis.md'), 'w') as f:
-    f.write(text + '\n')
+  fileio.write_text(fileio.join(out_dir, 'expert_analysis.json'), json.dumps(report, indent=1))
+  _write_utf8(fileio.join(out_dir, 'expert_analysis.md'), text + '\n')
   return text
 
 
@@ -565,7 +579,8 @@ def write_outputs(report: dict[str, Any], out_dir: str) -> str:
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description='What the experts of an MoE checkpoint specialise in.')
-  parser.add_argument('--checkpoint', required=True, help='a MODEL_DIR (latest checkpoint) or checkpoint_<step>')
+  parser.add_argument('--checkpoint', required=True,
+                      help='a MODEL_DIR (its latest checkpoint) or a checkpoint_<step> folder')
   parser.add_argument('--out_dir', default=None, help='default: MODEL_DIR/expert_analysis')
   parser.add_argument('--batches', type=int, default=20, help='validation batches to route (default 20)')
   parser.add_argument('--task', default=None, help='default: the run\'s MIXTURE_OR_TASK_NAME')
@@ -584,18 +599,18 @@ def run_analysis(args: argparse.Namespace, print_fn=print) -> dict[str, Any]:
   if args.min_count < 1 or args.top < 1 or args.sample_tokens < 1:
     raise UserError('--min_count, --top and --sample_tokens must be positive.')
   run = Run(args.checkpoint, task=args.task, split=args.split)
-  out_dir = args.out_dir or os.path.join(run.model_dir, 'expert_analysis')
+  out_dir = args.out_dir or fileio.join(run.model_dir, 'expert_analysis')
   try:
-    os.makedirs(out_dir, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-      raise PermissionError(13, 'Permission denied')
+    fileio.makedirs(out_dir)
+    with fileio.probe_file(out_dir):
+      pass
   except OSError as e:
     raise UserError(f'--out_dir {out_dir} is not writable: {e.strerror or e}.') from e
   report = analyse(run, args.batches, min_count=args.min_count, top=args.top,
                    sample_tokens=args.sample_tokens)
-  report['out_dir'] = os.path.abspath(out_dir)
+  report['out_dir'] = fileio.absolute(out_dir)
   print_fn(write_outputs(report, out_dir))
-  print_fn(f'Wrote {os.path.join(out_dir, "expert_analysis.json")}, expert_analysis.md and a heat map PNG '
+  print_fn(f'Wrote {fileio.join(out_dir, "expert_analysis.json")}, expert_analysis.md and a heat map PNG '
            f'and HTML page per layer ({len(report["layers"])} layers).')
   return report
 

@@ -181,8 +181,8 @@ def test_outputs_written(report):
   assert len(sample['tokens']) == 24 and page.count('class="t" style="background:') == 24 + 4  # + legend
   assert sample['tokens'][0] == '<bos>'
   assert '| expert | load |' in report['printed'] and '## decoder/layers_1' in report['printed']
-  assert open(os.path.join(out_dir, 'expert_analysis.md')).read().strip() == report['printed'].split(
-      '\nWrote ')[0].strip()
+  summary = open(os.path.join(out_dir, 'expert_analysis.md'), encoding='utf-8').read()
+  assert summary.strip() == report['printed'].split('\nWrote ')[0].strip()
   # Top tokens are decoded bytes with a class.
   tops = [t for ex in layer['experts'] for t in ex['top_tokens']]
   assert tops and all(t['class'] in expert_analysis.CLASSES for t in tops)
