@@ -117,6 +117,17 @@ def ungroup(y: Array, groups: Groups) -> Array:
   return y[:groups.batch, :groups.length]
 
 
+def _ungroup_tokens(values: Array, groups: Groups) -> Array:
+  """[G, T] per-token values -> [B, L], padding removed."""
+  values = values.reshape(groups.padded_batch, groups.padded_length)
+  return values[:groups.batch, :groups.length]
+
+
+# Names of the per-token routing values MoeLayer sows in 'intermediates' (the losses never read them).
+TOP1_EXPERT = 'router_top1_expert'
+TOP1_PROBABILITY = 'router_top1_probability'
+
+
 class Route(NamedTuple):
   """What routing decided for a [G, T] group of tokens.
 
@@ -258,6 +269,12 @@ class MoeLayer(nn.Module):
                'router_z_loss': routing.router_z_loss(logits, real), **route_metrics}
     for name in MOE_METRIC_NAMES:
       self.sow('intermediates', name, metrics[name])
+    # Per token, for analysis (scripts/expert_analysis.py), not read by the losses: the top-1 expert of the
+    # router's softmax (ties: lower index) and its probability, [B, L] (padding included; before capacity).
+    probs = jax.nn.softmax(logits, axis=-1)
+    self.sow('intermediates', TOP1_EXPERT, _ungroup_tokens(jnp.argmax(probs, axis=-1).astype(jnp.int32),
+                                                           groups))
+    self.sow('intermediates', TOP1_PROBABILITY, _ungroup_tokens(jnp.max(probs, axis=-1), groups))
     return ungroup(y, groups).astype(inputs.dtype)
 
   def _capacity_experts(self, expert_inputs: Array, kernels: dict[str, Array], drop) -> Array:

@@ -147,8 +147,11 @@ def test_gather_and_einsum_layers_agree_in_outputs_and_gradients(variables, inpu
 
 def test_metrics_are_sown_with_t5x_names(variables, inputs):
   _, state = _apply(_layer(), variables, inputs)
-  metrics = state['intermediates']
-  assert set(metrics) == set(MOE_METRIC_NAMES)
+  metrics = dict(state['intermediates'])
+  per_token = {moe.TOP1_EXPERT, moe.TOP1_PROBABILITY}  # [B, L] values for expert_analysis.py
+  assert set(metrics) == set(MOE_METRIC_NAMES) | per_token
+  for name in per_token:
+    assert metrics.pop(name)[0].shape == inputs.shape[:2], name
   for name, value in metrics.items():
     assert value[0].shape == () and value[0].dtype == jnp.float32, name
   assert 1.0 <= float(metrics['auxiliary_loss'][0]) <= 2.0 * E  # about k near balance
