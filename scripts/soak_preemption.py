@@ -24,6 +24,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--gin.EMBED_DIM=32', '--gin.MLP_DIM=48', '--gin.NUM_HEADS=2', '--gin.HEAD_DIM=16',
         '--gin.NUM_EXPERTS=4', '--gin.EXPERT_MLP_DIM=32', '--gin.GROUP_SIZE=64']
+# No TPU here: JAX goes straight to the CPU even where libtpu is installed (requirements-test.txt).
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 ENV = {**os.environ, 'PYTHONPATH': REPO, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
        'TF_CPP_MIN_LOG_LEVEL': '3'}
 
