@@ -233,7 +233,7 @@ def _invalid_predictions(task_name: str, predictions: Sequence[str]) -> Optional
   from tasks import superglue  # pylint: disable=g-import-not-at-top
   try:
     return superglue.invalid_predictions(task_name, predictions)
-  except (ValueError, KeyError):  # not a SuperGLUE task with labels
+  except ValueError:  # not a SuperGLUE task with a submission file
     return None
 
 

@@ -45,18 +45,20 @@ def write_scalars(directory: str, step: int, scalars: Mapping[str, float]) -> No
   writer.close()
 
 
+def _step_metrics(step: int, total: int, metrics: Mapping[str, float]) -> str:
+  return (f'step {step:>6d}/{total}  loss {metrics["loss"]:.4f}  ce {metrics["cross_ent_loss"]:.4f}  '
+          f'acc {metrics["accuracy"]:.3f}  lr {metrics["learning_rate"]:.2e}  ')
+
+
 def train_line(step: int, total: int, metrics: Mapping[str, float], steps_per_s: float,
                tokens_per_s: float, elapsed_s: float) -> str:
-  return (f'step {step:>6d}/{total}  loss {metrics["loss"]:.4f}  ce {metrics["cross_ent_loss"]:.4f}  '
-          f'acc {metrics["accuracy"]:.3f}  lr {metrics["learning_rate"]:.2e}  '
-          f'| {steps_per_s:.2f} steps/s  {tokens_per_s / 1e3:.1f}k tokens/s  [{elapsed_s:.0f}s]')
+  return (_step_metrics(step, total, metrics)
+          + f'| {steps_per_s:.2f} steps/s  {tokens_per_s / 1e3:.1f}k tokens/s  [{elapsed_s:.0f}s]')
 
 
 def first_step_line(step: int, total: int, metrics: Mapping[str, float], compile_s: float,
                     elapsed_s: float) -> str:
-  return (f'step {step:>6d}/{total}  loss {metrics["loss"]:.4f}  ce {metrics["cross_ent_loss"]:.4f}  '
-          f'acc {metrics["accuracy"]:.3f}  lr {metrics["learning_rate"]:.2e}  '
-          f'| first step, compiled in {compile_s:.0f}s  [{elapsed_s:.0f}s]')
+  return _step_metrics(step, total, metrics) + f'| first step, compiled in {compile_s:.0f}s  [{elapsed_s:.0f}s]'
 
 
 def startup_line(model_name: str, num_params: int, mesh_shape: Mapping[str, int], devices: Sequence,
@@ -75,7 +77,7 @@ def eval_line(step: int, name: str, results: Mapping[str, float], elapsed_s: flo
 
 
 class Progress:
-  """Progress lines of a loop over batches: '<label>: 0 batches' at once, then at most one line every
+  """Progress lines of a loop over batches: '<label>: starting' at once, then at most one line every
   `every_s` seconds ('<label>: 40/125 batches [12s]'); `done()` prints the final count."""
 
   def __init__(self, label: str, total: Optional[int] = None, every_s: float = 10.0,
