@@ -45,6 +45,19 @@ def write_scalars(directory: str, step: int, scalars: Mapping[str, float]) -> No
   writer.close()
 
 
+def read_scalars(directory: str) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of the scalars in `directory`'s event files, files in name (time) order, so a
+  step written again after a resume keeps its last value."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  scalars: dict[str, dict[int, float]] = {}
+  for path in sorted(tf.io.gfile.glob(directory.rstrip('/') + '/events.out.tfevents.*')):
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, {})[int(event.step)] = float(tf.make_ndarray(value.tensor))
+  return scalars
+
+
 def _step_metrics(step: int, total: int, metrics: Mapping[str, float]) -> str:
   return (f'step {step:>6d}/{total}  loss {metrics["loss"]:.4f}  ce {metrics["cross_ent_loss"]:.4f}  '
           f'acc {metrics["accuracy"]:.3f}  lr {metrics["learning_rate"]:.2e}  ')

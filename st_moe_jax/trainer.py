@@ -294,17 +294,20 @@ def evaluate(evaluator: Evaluator, params: PyTree, batches: Iterator[Batch], bat
 
   Returns:
     loss, cross_ent_loss, z_loss, accuracy (token averages), bits_per_token, bits_per_byte (cross-entropy
-    in bits over byte tokens, ids >= 3, for a byte vocabulary), experts/... (batch means) and per-layer
+    in bits over byte tokens, ids >= 3, for a byte vocabulary) and bits_per_byte_se (its standard error
+    over the batches, ratio_standard_error; two batches or more), experts/... (batch means) and per-layer
     'layer/<stack>/layers_<i>/<metric>'.
   """
   totals: dict[str, float] = {}
   count = 0
+  per_batch = []  # (cross-entropy sum, byte tokens) of each batch, for the standard error
   for i, batch in enumerate(batches):
     if max_batches is not None and i >= max_batches:
       break
     out = jax.device_get(evaluator.eval_step(params, data_lib.pad_batch(batch, batch_size)))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
+    per_batch.append((float(out['sum/cross_ent_loss']), float(out['byte_tokens'])))
     count += 1
     if progress is not None:
       progress.update()
@@ -319,9 +322,21 @@ def evaluate(evaluator: Evaluator, params: PyTree, batches: Iterator[Batch], bat
   result['bits_per_token'] = result['cross_ent_loss'] / math.log(2)
   if byte_tokens:
     result['bits_per_byte'] = totals['sum/cross_ent_loss'] / math.log(2) / byte_tokens
+    if count > 1:
+      result['bits_per_byte_se'] = ratio_standard_error(per_batch) / math.log(2)
   result['eval_batches'] = count
   result['target_tokens'] = tokens
   return result
+
+
+def ratio_standard_error(pairs: Sequence[tuple[float, float]]) -> float:
+  """Standard error of R = Σy / Σx over n batches (y_i, x_i), the delta-method (ratio estimator) formula
+  sqrt(Σ(y_i − R·x_i)² / (n(n−1))) / mean(x): the noise of an evaluation from the batches it happened to
+  read. Needs n >= 2."""
+  y, x = np.asarray(pairs, np.float64).T
+  n = len(x)
+  ratio = y.sum() / x.sum()
+  return float(np.sqrt(np.sum((y - ratio * x) ** 2) / (n * (n - 1))) / x.mean())
 
 
 # ---------------------------------------------------------------------------------------------------------

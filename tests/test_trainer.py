@@ -2,7 +2,6 @@
 fine-tuning restores params partially, TensorBoard tags, evaluation sums."""
 
 import dataclasses
-import glob
 import os
 import subprocess
 import sys
@@ -158,13 +157,8 @@ def test_checkpoint_of_other_shape_lists_mismatched_params(tmp_path):
 
 
 def read_tags(directory: str) -> dict[str, list[float]]:
-  import tensorflow as tf
-  tags = {}
-  for path in glob.glob(os.path.join(directory, 'events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        tags.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
-  return tags
+  from st_moe_jax import summaries
+  return {tag: [v for _, v in sorted(points.items())] for tag, points in summaries.read_scalars(directory).items()}
 
 
 @pytest.mark.slow
@@ -261,3 +255,15 @@ def test_st_moe_tiny_writes_per_layer_expert_metrics(tmp_path, monkeypatch):
       assert len(values) == points, (folder, name, sorted(tags))
       assert all(0.0 <= v <= 1.0 for v in values), (folder, name, values)
     assert not any(t.startswith('layer/') for t in tags)
+
+
+def test_ratio_standard_error_reduces_to_the_standard_error_of_the_mean():
+  """With equal batch sizes, R = mean(y_i / x) and its SE is the sample std of y_i / x over sqrt(n); with
+  unequal sizes it weighs batches by their tokens (a big batch far from R counts more)."""
+  from st_moe_jax import trainer
+  y = np.array([3.0, 5.0, 4.5, 2.0])
+  assert trainer.ratio_standard_error(list(zip(y, [2.0] * 4))) == pytest.approx(
+      np.std(y / 2.0, ddof=1) / np.sqrt(4))
+  light = trainer.ratio_standard_error([(1.0, 1.0), (9.0, 9.0), (5.0, 1.0)])
+  heavy = trainer.ratio_standard_error([(1.0, 1.0), (9.0, 9.0), (45.0, 9.0)])
+  assert heavy > light > 0

@@ -1,0 +1,531 @@
+"""Router study: does a sparse model beat a dense one of equal activated compute, and which router is best?
+
+Decoder-only byte-level language models on the embedded corpus (`stdlib_lm`), one per router and seed,
+each trained by the project's own loop (trainer.fit: Adafactor, rsqrt schedule, z-losses, orbax checkpoints
+with the data position, TensorBoard event files), then evaluated on a fixed slice of the validation split.
+
+  dense               every FFN dense, width F (the FLOP-matched baseline)
+  dense_total_params  every FFN dense and as wide as the MoE's total FFN parameters allow (upper reference)
+  switch_top1         Switch: top-1 tokens-choose, experts of width F, capacity factor 1.25 (eval 2.0)
+  st_moe_top2         ST-MoE: top-2 tokens-choose, experts of width F/2, capacity factor 2.5 (eval 4.0)
+  sparsemixer_v2      GRIN's SparseMixer-v2 top-2 (arXiv:2409.12136), experts of width F/2, dropless
+  rmoe                RMoE (arXiv:2408.06793): ST-MoE top-2 with a GRU router shared through depth
+  lory                Lory (arXiv:2405.03133): segment-routed merging of experts of width F
+
+Every sparse layer (every (L/S)-th layer, the MIXED layout) runs F columns of FFN per token for all routers
+but dense_total_params, so activated compute is equal up to the routers. Capacity factors count token slots
+over top-k assignments (docs/routing.md), so ST-MoE's 2.5 is 1.25 slots per assignment. Batch-prioritized
+routing is not in the study: it ranks a group's tokens by their router scores, later tokens included, so a
+decoder would see the future (models.check_causal_moe refuses it).
+
+It resumes. Results go to OUT_DIR/results.json after every run (with the settings they were made with: a
+rerun with other settings is refused), each run's checkpoints and event files to OUT_DIR/runs/<router>-seed<n>;
+a killed study continues where it stopped, mid-run from the run's latest checkpoint. Several sittings can add
+routers or seeds to the same study.
+
+Wall-clock: training times on a shared host mean little, so the steps of every router in the study are also
+timed side by side (round-robin, in one process, after training): "equal wall-clock" compares each router's
+validation curve at the step where it has used as much time as the dense model's whole run.
+
+Outputs (--report_dir, default OUT_DIR): router_study.md (table, settings, command), router_study.json,
+router_study_validation.png (curves against steps and wall-clock), router_study_moe_metrics.png (expert usage,
+tokens dropped, router z-loss, auxiliary loss and router confidence over training, from the event files).
+
+  python scripts/router_study.py --routers dense,st_moe_top2,switch_top1 --seeds 0,1,2
+  python scripts/router_study.py --routers sparsemixer_v2,rmoe,lory,dense_total_params --seeds 0
+  python scripts/router_study.py --preset quick --out_dir /tmp/rs   # smoke test, about a minute
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import st_moe_jax  # noqa: E402  (sets the TF log level before anything imports TensorFlow)
+
+st_moe_jax.import_tensorflow_quietly()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from st_moe_jax import data as data_lib  # noqa: E402
+from st_moe_jax import models  # noqa: E402
+from st_moe_jax import optim  # noqa: E402
+from st_moe_jax import partitioning  # noqa: E402
+from st_moe_jax import summaries  # noqa: E402
+from st_moe_jax import trainer as trainer_lib  # noqa: E402
+
+ROUTERS = ('dense', 'dense_total_params', 'switch_top1', 'st_moe_top2', 'sparsemixer_v2', 'rmoe', 'lory')
+DESCRIPTIONS = {
+    'dense': 'dense FFN, width F (FLOP-matched)',
+    'dense_total_params': "dense FFN as wide as the MoE's total parameters",
+    'switch_top1': 'Switch top-1, experts of width F, cf 1.25',
+    'st_moe_top2': 'ST-MoE top-2, experts of width F/2, cf 2.5',
+    'sparsemixer_v2': 'SparseMixer-v2 top-2, width F/2, dropless',
+    'rmoe': 'RMoE GRU router, top-2, width F/2, cf 2.5',
+    'lory': 'Lory segment merging, experts of width F',
+}
+VOCAB = 384  # ByteVocabulary's 259 ids, rounded up to a multiple of 128 (st_moe_tiny)
+MOE_CURVES = ('expert_usage', 'fraction_tokens_left_behind', 'router_z_loss', 'auxiliary_loss',
+              'router_confidence')
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """Everything that makes results comparable; a study's results.json holds one of these."""
+  d_model: int
+  num_heads: int
+  head_dim: int
+  num_layers: int
+  num_sparse: int
+  num_experts: int
+  mlp_dim: int          # F: the dense FFN width, and the activated FFN width per token of every router
+  steps: int
+  batch: int
+  length: int
+  eval_every: int
+  eval_batches: int     # validation batches per evaluation during training
+  final_eval_batches: int
+  learning_rate: float
+  warmup_steps: int
+  checkpoint_every: int
+  segment_length: int   # Lory's T
+
+
+PRESETS = {
+    'study': StudyConfig(d_model=256, num_heads=4, head_dim=64, num_layers=4, num_sparse=2, num_experts=16,
+                         mlp_dim=512, steps=1200, batch=16, length=128, eval_every=200, eval_batches=16,
+                         final_eval_batches=256, learning_rate=1.0, warmup_steps=100, checkpoint_every=200,
+                         segment_length=32),
+    'quick': StudyConfig(d_model=32, num_heads=2, head_dim=16, num_layers=2, num_sparse=1, num_experts=4,
+                         mlp_dim=64, steps=8, batch=4, length=32, eval_every=4, eval_batches=2,
+                         final_eval_batches=3, learning_rate=1.0, warmup_steps=10, checkpoint_every=4,
+                         segment_length=8),
+}
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--preset', choices=sorted(PRESETS), default='study')
+  for field in dataclasses.fields(StudyConfig):
+    parser.add_argument(f'--{field.name}', type=field.type if field.type in (int, float) else int,
+                        default=None, help=f'override the preset\'s {field.name}')
+  parser.add_argument('--routers', default='dense,st_moe_top2,switch_top1',
+                      help=f'comma-separated, from {ROUTERS}')
+  parser.add_argument('--seeds', default='0,1,2', help='comma-separated seeds (init and data order)')
+  parser.add_argument('--out_dir', default='runs/router_study')
+  parser.add_argument('--report_dir', default=None, help='where the report goes (default: --out_dir)')
+  parser.add_argument('--timing_rounds', type=int, default=5,
+                      help='round-robin rounds of the side-by-side step timing (0: keep earlier timings)')
+  parser.add_argument('--timing_steps', type=int, default=5, help='steps per router per timing round')
+  args = parser.parse_args(argv)
+  overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudyConfig)
+               if getattr(args, f.name) is not None}
+  args.config = dataclasses.replace(PRESETS[args.preset], **overrides)
+  args.routers = [r.strip() for r in args.routers.split(',') if r.strip()]
+  unknown = [r for r in args.routers if r not in ROUTERS]
+  if unknown:
+    parser.error(f'unknown --routers {unknown}; choose from {ROUTERS}')
+  try:
+    args.seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
+  except ValueError:
+    parser.error(f'--seeds must be comma-separated integers, got {args.seeds!r}')
+  c = args.config
+  if min(c.steps, c.batch, c.length, c.eval_every, c.eval_batches, c.final_eval_batches,
+         c.checkpoint_every) < 1:
+    parser.error('--steps, --batch, --length, --eval_every, --eval_batches, --final_eval_batches and '
+                 '--checkpoint_every must be >= 1')
+  if c.final_eval_batches < 2:
+    parser.error('--final_eval_batches must be >= 2 (its standard error needs two batches)')
+  if c.mlp_dim % 2:
+    parser.error(f'--mlp_dim must be even (top-2 experts are F/2 wide), got {c.mlp_dim}')
+  args.report_dir = args.report_dir or args.out_dir
+  return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models of equal activated compute.
+
+def dense_total_width(c: StudyConfig) -> int:
+  """The per-layer dense FFN width with the ST-MoE model's total FFN parameters ((L−S)·F + S·E·F/2 over L
+  layers), rounded to a multiple of 8."""
+  total = (c.num_layers - c.num_sparse) * c.mlp_dim + c.num_sparse * c.num_experts * c.mlp_dim // 2
+  return max(8, round(total / c.num_layers / 8) * 8)
+
+
+def build_model(router: str, c: StudyConfig) -> models.DecoderOnly:
+  def transformer(mlp_dim):
+    return models.TransformerConfig(vocab_size=VOCAB, embed_dim=c.d_model, num_heads=c.num_heads,
+                                    head_dim=c.head_dim, mlp_dim=mlp_dim, num_encoder_layers=c.num_layers,
+                                    num_decoder_layers=c.num_layers, dtype='float32')
+
+  def moe(**kwargs):
+    base = dict(num_sparse_layers=c.num_sparse, sparse_layout='MIXED', num_experts=c.num_experts,
+                group_size=4096)
+    if kwargs.get('moe_type') != 'lory':  # Lory merges experts: it takes no top-k or capacity
+      base.update(num_selected_experts=2, expert_mlp_dim=c.mlp_dim // 2, train_capacity_factor=2.5,
+                  eval_capacity_factor=4.0)
+    return models.MoeConfig(**{**base, **kwargs})
+
+  variants = {
+      'dense': lambda: (transformer(c.mlp_dim), None),
+      'dense_total_params': lambda: (transformer(dense_total_width(c)), None),
+      'switch_top1': lambda: (transformer(c.mlp_dim), moe(num_selected_experts=1, expert_mlp_dim=c.mlp_dim,
+                                                          train_capacity_factor=1.25, eval_capacity_factor=2.0)),
+      'st_moe_top2': lambda: (transformer(c.mlp_dim), moe()),
+      'sparsemixer_v2': lambda: (transformer(c.mlp_dim), moe(routing_method='sparsemixer', dropless=True)),
+      'rmoe': lambda: (transformer(c.mlp_dim), moe(router='recurrent', recurrent_router_dim=128)),
+      'lory': lambda: (transformer(c.mlp_dim), moe(moe_type='lory', expert_mlp_dim=c.mlp_dim,
+                                                   segment_length=c.segment_length)),
+  }
+  return models.DecoderOnly(*variants[router]())
+
+
+def make_trainer(router: str, c: StudyConfig, seed: int, mesh) -> trainer_lib.Trainer:
+  schedule = optim.create_learning_rate_scheduler('constant * rsqrt_decay', c.learning_rate, c.warmup_steps)
+  return trainer_lib.Trainer(build_model(router, c), optim.adafactor, schedule, mesh,
+                             model_kind=data_lib.DECODER_ONLY, seed=seed)
+
+
+def dataset(c: StudyConfig, split: str, seed: int):
+  train = split == 'train'
+  cfg = data_lib.DatasetConfig('stdlib_lm', {'targets': c.length}, split=split, batch_size=c.batch,
+                               shuffle=train, seed=seed, pack=True, num_epochs=None if train else 1)
+  return data_lib.get_dataset(cfg, data_lib.DECODER_ONLY, report_trimming=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The results file: one configuration, runs added as they finish.
+
+class StudyConfigMismatch(SystemExit):
+  pass
+
+
+def load_results(path: str, config: StudyConfig) -> dict:
+  if not os.path.exists(path):
+    return {'config': dataclasses.asdict(config), 'runs': {}, 'timing': None, 'commands': []}
+  with open(path) as f:
+    results = json.load(f)
+  saved, current = results['config'], dataclasses.asdict(config)
+  if saved != current:
+    diff = ', '.join(f'{k}: {saved.get(k)} there, {current.get(k)} here'
+                     for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k))
+    raise StudyConfigMismatch(
+        f'error: {path} holds results made with other settings ({diff}); one study file holds one '
+        'configuration: rerun with the same settings (--preset and overrides) or give another --out_dir.')
+  return results
+
+
+def save_json(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)  # a study killed while writing keeps the previous file
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One run: trainer.fit (resumes from the run's own checkpoints), then the final evaluation.
+
+def run_dir(out_dir: str, router: str, seed: int) -> str:
+  return os.path.join(out_dir, 'runs', f'{router}-seed{seed}')
+
+
+def train_and_evaluate(router: str, seed: int, c: StudyConfig, out_dir: str, mesh) -> dict:
+  model_dir = run_dir(out_dir, router, seed)
+  trainer = make_trainer(router, c, seed, mesh)
+  train_data = data_lib.DataIterator(dataset(c, 'train', seed))
+  validation = dataset(c, 'validation', 0)
+  loop = trainer_lib.LoopConfig(c.steps, c.batch, log_period=max(1, min(c.eval_every // 4, 50)),
+                                eval_period=c.eval_every, eval_steps=c.eval_batches,
+                                checkpoint_period=c.checkpoint_every, keep=2)
+  start = time.time()
+  state = trainer_lib.fit(trainer, model_dir, train_data, loop,
+                          eval_data=lambda: data_lib.DataIterator(validation), eval_name='validation',
+                          print_fn=lambda line: print(f'  [{router} seed {seed}] {line}', file=sys.stderr,
+                                                      flush=True))
+  if state is None or int(state.step) < c.steps:
+    return None  # preempted: the run's checkpoint holds where it stopped
+  train_s = time.time() - start
+  final = trainer_lib.evaluate(trainer, state.params, data_lib.DataIterator(validation), c.batch,
+                               c.final_eval_batches)
+  tb = summaries.read_scalars(os.path.join(model_dir, 'train'))
+  curve = summaries.read_scalars(os.path.join(model_dir, 'training_eval', 'validation')).get(
+      'bits_per_byte', {})
+  dropped = tb.get('experts/fraction_tokens_left_behind', {})
+  return {
+      'router': router, 'seed': seed,
+      'params': int(sum(x.size for x in jax.tree.leaves(state.params))),
+      'val_bits_per_byte': final['bits_per_byte'],
+      'val_bits_per_byte_se': final['bits_per_byte_se'],
+      'val_bytes': final['target_tokens'],
+      'dropped_train': float(np.mean(list(dropped.values()))) if dropped else None,
+      'dropped_eval': final.get('experts/fraction_tokens_left_behind'),
+      'router_z_loss_eval': final.get('experts/router_z_loss'),
+      'curve': sorted([int(s), v] for s, v in curve.items()),
+      'last_sitting_train_s': train_s,
+  }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Side-by-side step timing.
+
+def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
+  """The host's float32 matmul GFLOP/s (n×n×n), printed beside the timings: they move with the host."""
+  a = jax.numpy.ones((n, n), jax.numpy.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  tic = time.perf_counter()
+  for _ in range(repeats):
+    f(a).block_until_ready()
+  return 2 * n ** 3 * repeats / (time.perf_counter() - tic) / 1e9
+
+
+def time_steps(routers: list[str], c: StudyConfig, mesh, rounds: int, steps: int) -> dict:
+  """Median seconds per train step of each router, measured round-robin so that every router sees the same
+  host load."""
+  batches = data_lib.DataIterator(dataset(c, 'train', 0))
+  batch_list = [next(batches) for _ in range(steps)]
+  runs = {}
+  for router in routers:
+    trainer = make_trainer(router, c, 0, mesh)
+    trainer.prepare(batch_list[0])
+    state = trainer.init_state()
+    state, _ = trainer.train_step(state, batch_list[0])  # compile
+    jax.block_until_ready(state)
+    runs[router] = [trainer, state, []]
+  for _ in range(rounds):
+    for router, run in runs.items():
+      trainer, state, times = run
+      tic = time.perf_counter()
+      for batch in batch_list:
+        state, _ = trainer.train_step(state, batch)
+      jax.block_until_ready(state)
+      times.append((time.perf_counter() - tic) / steps)
+      run[1] = state
+  return {'step_seconds': {r: float(np.median(run[2])) for r, run in runs.items()},
+          'rounds': rounds, 'steps_per_round': steps, 'matmul_gflops': matmul_gflops(),
+          'cpu_cores': os.cpu_count(), 'jax': jax.__version__}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report.
+
+def interpolate(curve: list, step: float) -> float:
+  steps, values = zip(*curve)
+  return float(np.interp(step, steps, values))
+
+
+def summarize(results: dict) -> list[dict]:
+  """Per router: mean ± std over seeds, the difference from dense with its standard error, equal
+  wall-clock values."""
+  c = StudyConfig(**results['config'])
+  by_router = {}
+  for run in results['runs'].values():
+    by_router.setdefault(run['router'], []).append(run)
+  timing = (results.get('timing') or {}).get('step_seconds', {})
+  dense = by_router.get('dense', [])
+  dense_values = np.array([r['val_bits_per_byte'] for r in dense])
+  budget = c.steps * timing['dense'] if 'dense' in timing else None
+  rows = []
+  for router in ROUTERS:
+    runs = sorted(by_router.get(router, []), key=lambda r: r['seed'])
+    if not runs:
+      continue
+    values = np.array([r['val_bits_per_byte'] for r in runs])
+    row = {'router': router, 'seeds': [r['seed'] for r in runs], 'mean': float(values.mean()),
+           'std': float(values.std(ddof=1)) if len(values) > 1 else None,
+           'eval_se': float(np.mean([r['val_bits_per_byte_se'] for r in runs])),
+           'params': runs[0]['params'],
+           'dropped_train': _mean([r['dropped_train'] for r in runs]),
+           'dropped_eval': _mean([r['dropped_eval'] for r in runs]),
+           'step_s': timing.get(router)}
+    if router != 'dense' and len(dense_values):
+      row['delta'] = float(values.mean() - dense_values.mean())
+      if len(values) > 1 and len(dense_values) > 1:
+        row['delta_se'] = float(math.sqrt(values.var(ddof=1) / len(values)
+                                          + dense_values.var(ddof=1) / len(dense_values)))
+    if budget and router in timing and all(r['curve'] for r in runs):
+      at = budget / timing[router]  # the step where this router has used the dense run's time
+      row['equal_time_step'] = min(at, c.steps)
+      row['equal_time_capped'] = at > c.steps
+      row['equal_time_bits'] = float(np.mean([interpolate(r['curve'], min(at, c.steps)) for r in runs]))
+    rows.append(row)
+  return rows
+
+
+def _mean(values):
+  values = [v for v in values if v is not None]
+  return float(np.mean(values)) if values else None
+
+
+def _fmt(value, spec, missing='–'):
+  return missing if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+  lines = ['| router | seeds | params | val bits/byte, mean ± std | vs dense ± SE | beyond noise? | '
+           'eval SE per run | step time (× dense) | bits/byte at equal wall-clock | tokens dropped, train / eval |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  dense_step = next((r['step_s'] for r in rows if r['router'] == 'dense'), None)
+  for r in rows:
+    spread = f'{r["mean"]:.4f} ± {r["std"]:.4f}' if r['std'] is not None else f'{r["mean"]:.4f} (one seed)'
+    if r['router'] == 'dense':
+      versus, verdict = '–', '–'
+    elif 'delta_se' in r:
+      versus = f'{r["delta"]:+.4f} ± {r["delta_se"]:.4f}'
+      z = r['delta'] / r['delta_se'] if r['delta_se'] > 0 else math.inf
+      verdict = (f'yes, {"better" if r["delta"] < 0 else "worse"} ({abs(z):.1f} SE)' if abs(z) > 3
+                 else f'no ({abs(z):.1f} SE)')
+    elif 'delta' in r:
+      versus, verdict = f'{r["delta"]:+.4f}', 'n/a (one seed)'
+    else:
+      versus, verdict = '–', '–'
+    step = (f'{r["step_s"] * 1e3:.0f} ms ({r["step_s"] / dense_step:.2f}×)' if r['step_s'] and dense_step
+            else _fmt(r['step_s'], '.3f'))
+    equal = '–'
+    if 'equal_time_bits' in r:
+      equal = f'{r["equal_time_bits"]:.4f} (step {r["equal_time_step"]:.0f}{", all steps" if r["equal_time_capped"] else ""})'
+    dropped = ('–' if r['router'] in ('dense', 'dense_total_params') else
+               '0 (no token routing)' if r['router'] == 'lory' else
+               f'{_fmt(r["dropped_train"], ".2%")} / {_fmt(r["dropped_eval"], ".2%")}')
+    lines.append(f'| {r["router"]} ({DESCRIPTIONS[r["router"]]}) | {len(r["seeds"])} | {r["params"] / 1e6:.2f}M '
+                 f'| {spread} | {versus} | {verdict} | {r["eval_se"]:.4f} | {step} | {equal} | {dropped} |')
+  return '\n'.join(lines)
+
+
+def plot_validation(results: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  timing = (results.get('timing') or {}).get('step_seconds', {})
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+  for router in ROUTERS:
+    runs = [r for r in results['runs'].values() if r['router'] == router and r['curve']]
+    if not runs:
+      continue
+    steps = np.array([s for s, _ in runs[0]['curve']])
+    values = np.array([[interpolate(r['curve'], s) for s in steps] for r in runs])
+    mean = values.mean(0)
+    for ax, scale in ((axes[0], 1.0), (axes[1], timing.get(router))):
+      if scale is None:
+        continue
+      line, = ax.plot(steps * scale, mean, marker='o', markersize=3, label=f'{router} ({len(runs)} seeds)')
+      if len(runs) > 1:
+        ax.fill_between(steps * scale, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+  axes[0].set_xlabel('training step')
+  axes[1].set_xlabel('estimated training seconds (steps × side-by-side step time)')
+  for ax in axes:
+    ax.set_ylabel('validation bits per byte')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  axes[0].set_title('equal tokens (band: min–max over seeds)')
+  axes[1].set_title('equal wall-clock')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_moe_metrics(results: dict, out_dir: str, path: str) -> None:
+  """The MoE metrics the trainer logs (TensorBoard, mean over the MoE layers), seed 0 of each router."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(MOE_CURVES), figsize=(4 * len(MOE_CURVES), 3.8))
+  for router in ROUTERS:
+    seeds = sorted(r['seed'] for r in results['runs'].values() if r['router'] == router)
+    if not seeds or router.startswith('dense'):
+      continue
+    tags = summaries.read_scalars(os.path.join(run_dir(out_dir, router, seeds[0]), 'train'))
+    for ax, name in zip(axes, MOE_CURVES):
+      points = sorted(tags.get(f'experts/{name}', {}).items())
+      if points:
+        ax.plot(*zip(*points), label=router)
+  for ax, name in zip(axes, MOE_CURVES):
+    ax.set_title(name)
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_report(results: dict, args) -> str:
+  c = StudyConfig(**results['config'])
+  rows = summarize(results)
+  table = markdown_table(rows)
+  timing = results.get('timing')
+  tokens = c.steps * c.batch * c.length
+  settings = (
+      f'Model: decoder-only, d_model {c.d_model}, {c.num_heads} heads of {c.head_dim}, {c.num_layers} layers '
+      f'of which {c.num_sparse} sparse (MIXED), {c.num_experts} experts, F = {c.mlp_dim} (dense_total_params: '
+      f'{dense_total_width(c)}), GEGLU, float32, byte vocabulary. Training: {c.steps} steps × {c.batch} rows × '
+      f'{c.length} tokens ({tokens:,} token positions per run), Adafactor, rsqrt schedule (base '
+      f'{c.learning_rate}, constant for the first {c.warmup_steps} steps), aux loss 0.01, router z-loss 1e-3. '
+      f'Final validation: the first {c.final_eval_batches} batches of the validation split '
+      f'({c.final_eval_batches * c.batch * c.length:,} token positions, the same for every run); during training '
+      f'{c.eval_batches} batches every {c.eval_every} steps.')
+  if timing:
+    settings += (f' Step times: median of {timing["rounds"]} round-robin rounds of {timing["steps_per_round"]} '
+                 f'steps per router, in one process, on {timing["cpu_cores"]} CPU cores (host float32 matmul: '
+                 f'{timing["matmul_gflops"]:.0f} GFLOP/s), jax {timing["jax"]}.')
+  notes = ('"vs dense ± SE": difference of the seed means, SE = sqrt(s²/n + s_dense²/n_dense) over seeds. '
+           '"beyond noise?": |difference| > 3 SE. "eval SE per run": the standard error of one run\'s final '
+           'validation value from the batches it read (ratio estimator over batches). "equal wall-clock": the '
+           'validation curve read (linear interpolation between evaluations) at the step where the router has '
+           'used the dense run\'s time, by the side-by-side step times.')
+  commands = '\n'.join(f'    {cmd}' for cmd in results['commands'])
+  md = (f'# Router study\n\nMade with (in sittings that append to one results file):\n\n{commands}\n\n'
+        f'{settings}\n\n{table}\n\n{notes}\n\n![validation](router_study_validation.png)\n\n'
+        f'![MoE metrics over training](router_study_moe_metrics.png)\n')
+  os.makedirs(args.report_dir, exist_ok=True)
+  with open(os.path.join(args.report_dir, 'router_study.md'), 'w') as f:
+    f.write(md)
+  save_json(os.path.join(args.report_dir, 'router_study.json'), {**results, 'summary': rows})
+  plot_validation(results, os.path.join(args.report_dir, 'router_study_validation.png'))
+  plot_moe_metrics(results, args.out_dir, os.path.join(args.report_dir, 'router_study_moe_metrics.png'))
+  return table
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  c = args.config
+  os.makedirs(args.out_dir, exist_ok=True)
+  results_path = os.path.join(args.out_dir, 'results.json')
+  results = load_results(results_path, c)
+  command = 'python scripts/router_study.py ' + ' '.join(
+      shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+  if command not in results['commands']:
+    results['commands'].append(command)
+  save_json(results_path, results)
+  mesh = partitioning.create_mesh(jax.devices()[:1])
+  todo = [(r, s) for s in args.seeds for r in args.routers if f'{r}/seed{s}' not in results['runs']]
+  print(f'router study in {args.out_dir}: {len(todo)} runs to do ({len(results["runs"])} done)',
+        file=sys.stderr, flush=True)
+  for router, seed in todo:
+    tic = time.time()
+    run = train_and_evaluate(router, seed, c, args.out_dir, mesh)
+    if run is None:
+      print('Stopped (SIGTERM); rerun the same command to continue.', file=sys.stderr)
+      return
+    results['runs'][f'{router}/seed{seed}'] = run
+    save_json(results_path, results)
+    print(f'{router} seed {seed}: validation {run["val_bits_per_byte"]:.4f} ± {run["val_bits_per_byte_se"]:.4f} '
+          f'bits/byte [{time.time() - tic:.0f}s]', file=sys.stderr, flush=True)
+  studied = [r for r in ROUTERS if any(run['router'] == r for run in results['runs'].values())]
+  timed = set((results.get('timing') or {}).get('step_seconds', {}))
+  if args.timing_rounds and studied and (todo or timed != set(studied)):
+    print(f'timing {len(studied)} routers side by side...', file=sys.stderr, flush=True)
+    results['timing'] = time_steps(studied, c, mesh, args.timing_rounds, args.timing_steps)
+    save_json(results_path, results)
+  print(write_report(results, args))
+  print(f'wrote {args.report_dir}/router_study.{{md,json}} and the plots', file=sys.stderr)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,99 @@
+"""scripts/router_study.py: the table's statistics, resuming a study killed mid-run, and refusing to mix
+configurations in one results file. Real runs (trainer.fit, orbax checkpoints, event files) of the 'quick'
+preset; one study is shared by the tests."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY = ['scripts/router_study.py', '--preset', 'quick', '--routers', 'dense,st_moe_top2', '--seeds', '0,1',
+         '--timing_rounds', '1', '--timing_steps', '1']
+
+
+def run_study(out_dir, *extra, check=True) -> subprocess.CompletedProcess:
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, as a user runs it
+  env['TF_CPP_MIN_LOG_LEVEL'] = '3'
+  result = subprocess.run([sys.executable, *STUDY, '--out_dir', str(out_dir), *extra], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+  if check:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result
+
+
+@pytest.fixture(scope='module')
+def study(tmp_path_factory):
+  out_dir = tmp_path_factory.mktemp('study')
+  result = run_study(out_dir)
+  return out_dir, result, json.loads((out_dir / 'router_study.json').read_text())
+
+
+@pytest.mark.slow
+def test_table_reports_seed_statistics_from_the_runs(study):
+  out_dir, result, report = study
+  runs = report['runs']
+  assert sorted(runs) == ['dense/seed0', 'dense/seed1', 'st_moe_top2/seed0', 'st_moe_top2/seed1']
+  dense = [runs[f'dense/seed{s}']['val_bits_per_byte'] for s in (0, 1)]
+  moe = [runs[f'st_moe_top2/seed{s}']['val_bits_per_byte'] for s in (0, 1)]
+  assert dense[0] != dense[1]  # seeds change the initialisation and the data order
+  rows = {r['router']: r for r in report['summary']}
+  assert rows['dense']['mean'] == pytest.approx(np.mean(dense))
+  assert rows['dense']['std'] == pytest.approx(np.std(dense, ddof=1))
+  assert rows['st_moe_top2']['delta'] == pytest.approx(np.mean(moe) - np.mean(dense))
+  assert rows['st_moe_top2']['delta_se'] == pytest.approx(
+      math.sqrt(np.var(dense, ddof=1) / 2 + np.var(moe, ddof=1) / 2))
+  table = [line for line in result.stdout.splitlines() if line.startswith('| ')]
+  assert table[1].startswith('| dense (') and f'{np.mean(dense):.4f} ± {np.std(dense, ddof=1):.4f}' in table[1]
+  assert table[2].startswith('| st_moe_top2 (') and ' SE)' in table[2]
+  # Each run's curve is the during-training validation read back from its TensorBoard event files.
+  for run in runs.values():
+    assert [s for s, _ in run['curve']] == [4, 8]
+    assert run['val_bits_per_byte_se'] > 0 and run['val_bytes'] > 0
+  assert runs['st_moe_top2/seed0']['dropped_train'] is not None
+  assert set(report['timing']['step_seconds']) == {'dense', 'st_moe_top2'}
+  assert rows['st_moe_top2']['equal_time_step'] <= 8
+  for name in ('router_study.md', 'router_study_validation.png', 'router_study_moe_metrics.png'):
+    assert (out_dir / name).stat().st_size > 1000, name
+
+
+@pytest.mark.slow
+def test_a_study_killed_mid_run_continues_where_it_stopped(study, tmp_path):
+  """The state a kill between steps 4 and 8 of the last run leaves: its checkpoint_4 and no result. The
+  rerun keeps the finished runs, resumes that run from step 4, and ends where the uninterrupted study did."""
+  out_dir, _, report = study
+  killed = tmp_path / 'killed'
+  shutil.copytree(out_dir, killed)
+  run_dir = killed / 'runs' / 'st_moe_top2-seed1'
+  shutil.rmtree(run_dir / 'checkpoint_8')
+  results = json.loads((killed / 'results.json').read_text())
+  del results['runs']['st_moe_top2/seed1']
+  (killed / 'results.json').write_text(json.dumps(results))
+  result = run_study(killed)
+  assert '1 runs to do (3 done)' in result.stderr
+  assert 'resum' in result.stderr.lower() and 'checkpoint_4' in result.stderr
+  resumed = json.loads((killed / 'results.json').read_text())['runs']['st_moe_top2/seed1']
+  original = report['runs']['st_moe_top2/seed1']
+  assert resumed['val_bits_per_byte'] == original['val_bits_per_byte']
+  assert resumed['curve'] == original['curve']
+
+
+@pytest.mark.slow
+def test_refuses_to_mix_configurations_in_one_file(study):
+  out_dir, _, _ = study
+  before = (out_dir / 'results.json').read_text()
+  result = run_study(out_dir, '--steps', '9', check=False)
+  assert result.returncode != 0
+  assert 'steps: 8 there, 9 here' in result.stderr and '--out_dir' in result.stderr
+  assert (out_dir / 'results.json').read_text() == before
+
+
+def test_unknown_router_is_refused():
+  result = subprocess.run([sys.executable, 'scripts/router_study.py', '--routers', 'dense,top3'], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and "unknown --routers ['top3']" in result.stderr
