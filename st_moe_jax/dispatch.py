@@ -555,7 +555,8 @@ def dropless_expert_parallel(x: Array, expert_index: Array, weights: Array, real
   token_axes = tuple(token_axes)
   if 'expert' not in token_axes or num_experts % ep:
     raise ValueError(f'Dropless expert parallelism needs the tokens split over the expert axis (got '
-                     f'{token_axes}) and NUM_EXPERTS={num_experts} divisible by it ({ep}).')
+                     f'{token_axes}; partitioning.activate sets the logical axis rules) and '
+                     f'NUM_EXPERTS={num_experts} divisible by it ({ep}).')
   for name, spec in kernel_specs.items():
     if spec_axes(spec[0]) != ('expert',):
       raise ValueError(f'Expert kernel {name!r} has sharding {spec}; dropless expert parallelism needs its '
