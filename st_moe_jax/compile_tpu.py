@@ -59,7 +59,8 @@ CHIPS = {
 _TOPOLOGY = re.compile(r'(v4|v5e|v5p|v6e):([1-9]\d*(?:x[1-9]\d*){1,2})')
 TOPOLOGY_FORMS = ('v4:AxBxC, v5p:AxBxC (3-D torus, e.g. v4:2x2x1, v5p:4x4x8), v5e:AxB, v6e:AxB (2-D, e.g. '
                   'v5e:16x16)')
-COLLECTIVES = ('all-to-all', 'all-gather', 'reduce-scatter', 'all-reduce', 'collective-permute')
+COLLECTIVES = ('all-to-all', 'ragged-all-to-all', 'all-gather', 'reduce-scatter', 'all-reduce',
+               'collective-permute')
 # Training flops ≈ 3 × forward (backward = 2 × forward).
 TRAIN_FLOPS_FACTOR = 3
 
@@ -201,8 +202,8 @@ _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16
 _ARRAY = re.compile(r'\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]')
 # `%name = SHAPE op(` where op is a collective or its async -done half (whose result is the collective's).
 _COLLECTIVE_LINE = re.compile(
-    r'^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>.*?)\s+(?P<op>all-to-all|all-gather|all-gather-done|reduce-scatter|'
-    r'all-reduce|all-reduce-done|collective-permute|collective-permute-done)\(')
+    r'^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>.*?)\s+(?P<op>all-to-all|ragged-all-to-all|all-gather|all-gather-done|'
+    r'reduce-scatter|all-reduce|all-reduce-done|collective-permute|collective-permute-done)\(')
 
 
 def shape_bytes(shape: str) -> tuple[int, list[str]]:
@@ -219,7 +220,8 @@ def shape_bytes(shape: str) -> tuple[int, list[str]]:
 def hlo_collectives(hlo_text: str) -> dict[str, dict[str, Any]]:
   """{kind: {count, bytes_per_chip, dtypes}} of the collectives in an optimized (per-device) HLO module.
 
-  bytes_per_chip is the sum of the results' sizes (each chip's share: SPMD shapes are per device). Each
+  bytes_per_chip is the sum of the results' sizes (each chip's share: SPMD shapes are per device; for a
+  ragged-all-to-all, dropless expert parallelism's exchange, the whole receive buffer, a bound). Each
   instruction is counted once as written (the model has no loops over layers, so that is once a step).
   """
   out = {kind: {'count': 0, 'bytes_per_chip': 0, 'dtypes': {}} for kind in COLLECTIVES}

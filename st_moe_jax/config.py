@@ -163,7 +163,8 @@ class MoeConfig:
   Dispatch:
     dispatch_method: 'gather' (fast) or 'einsum' (exact one-hot reference) [DISPATCH_METHOD].
     dropless: every token reaches its k experts, no capacity (GRIN, MegaBlocks): choices sorted by expert
-      and run as grouped matmuls; tokens_choose and sparsemixer only [DROPLESS].
+      and run as grouped matmuls; tokens_choose and sparsemixer only [DROPLESS]. Under a mesh with an
+      expert axis > 1 the rows are exchanged between devices (docs/routing.md §6).
     dropless_tile_size: rows per tile of the grouped matmul; each expert wastes fewer than this many
       rows [DROPLESS_TILE_SIZE].
     grouped_matmul_method: 'auto' (ragged_dot on GPU/TPU, tiled on CPU), 'tiled' or 'ragged_dot'

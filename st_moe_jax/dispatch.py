@@ -14,11 +14,13 @@ Dropless routing has no buffers: `dropless_layout` sorts every (token, choice) b
 """
 
 import functools
-from typing import Sequence
+import math
+from typing import Optional, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from st_moe_jax import routing as routing_lib
 from st_moe_jax.routing import Routing
@@ -261,6 +263,31 @@ def _chunk_schedules(group_sizes, tile, num_rows):
   return schedules
 
 
+def _varying(x) -> set:
+  """The manual mesh axes (inside shard_map) over which x varies; empty outside shard_map."""
+  return set(getattr(getattr(jax.typeof(x), 'manual_axis_type', None), 'varying', ()) or ())
+
+
+def _zeros_varying_like(shape, dtype, *refs) -> Array:
+  """Zeros that vary over the same manual mesh axes as `refs` (inside shard_map a loop carry must have the
+  manual-axis type of the loop's output); plain zeros outside shard_map."""
+  axes = set().union(*(_varying(r) for r in refs))
+  z = jnp.zeros(shape, dtype)
+  return jax.lax.pcast(z, tuple(sorted(axes)), to='varying') if axes else z
+
+
+def _cotangent_like(ct: Array, primal: Array) -> Array:
+  """A custom_vjp cotangent with its primal's manual-axis type (inside shard_map): summed over the axes the
+  primal does not vary over (the transpose of its implicit broadcast), made varying over those it does."""
+  extra = _varying(ct) - _varying(primal)
+  if extra:
+    ct = jax.lax.psum(ct, tuple(sorted(extra)))
+  missing = _varying(primal) - _varying(ct)
+  if missing:
+    ct = jax.lax.pcast(ct, tuple(sorted(missing)), to='varying')
+  return ct
+
+
 def _run_chunks(schedules, body, carry):
   """carry = body(offset, expert, rows, carry) for every chunk of every schedule."""
   for rows, offsets, experts, count in schedules:
@@ -284,7 +311,7 @@ def _grouped_products(x, kernels, schedules):
       new.append(jax.lax.dynamic_update_slice_in_dim(out, y.astype(x.dtype), offset, 0))
     return tuple(new)
 
-  outs = tuple(jnp.zeros((x.shape[0], w.shape[2]), x.dtype) for w in kernels)
+  outs = tuple(_zeros_varying_like((x.shape[0], w.shape[2]), x.dtype, x, w, *schedules[0][1:]) for w in kernels)
   return _run_chunks(schedules, chunk, outs)
 
 
@@ -321,9 +348,12 @@ def _tiled_grouped_matmul_bwd(tile, residuals, d_outs):
     d_x = jax.lax.dynamic_update_slice_in_dim(d_x, d_x_chunk.astype(x.dtype), offset, 0)
     return d_x, tuple(new_d_ws)
 
-  carry = (jnp.zeros_like(x), tuple(jnp.zeros(w.shape, jnp.float32) for w in kernels))
+  refs = (x, *kernels, *d_outs, *schedules[0][1:])
+  carry = (_zeros_varying_like(x.shape, x.dtype, *refs),
+           tuple(_zeros_varying_like(w.shape, jnp.float32, *refs) for w in kernels))
   d_x, d_ws = _run_chunks(schedules, chunk, carry)
-  return d_x, tuple(d_w.astype(w.dtype) for d_w, w in zip(d_ws, kernels)), None
+  return (_cotangent_like(d_x, x),
+          tuple(_cotangent_like(d_w.astype(w.dtype), w) for d_w, w in zip(d_ws, kernels)), None)
 
 
 _tiled_grouped_matmul.defvjp(_tiled_grouped_matmul_fwd, _tiled_grouped_matmul_bwd)
@@ -360,3 +390,197 @@ def grouped_matmuls(rows: Array, kernels: Sequence[Array], layout: DroplessLayou
 def grouped_matmul(rows: Array, kernel: Array, layout: DroplessLayout, method: str = 'auto') -> Array:
   """<float>[R, K], <float>[E, K, M] -> <float>[R, M]: grouped_matmuls with one kernel."""
   return grouped_matmuls(rows, (kernel,), layout, method)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dropless expert parallelism (docs/routing.md §6, "Dropless expert parallelism"). Under a mesh whose
+# 'expert' axis has ep > 1 devices, each device sorts its own tokens' choices by expert, sends each expert's
+# rows to the device that holds the expert (all-to-all over 'expert'), runs its E/ep experts as grouped
+# matmuls, and sends the results back with the inverse exchange; the combine is local again.
+
+EP_EXCHANGES = ('auto', 'ragged', 'capacity')
+
+
+def mesh_axis_size(name: str) -> int:
+  """The size of mesh axis `name` of the mesh set by jax.set_mesh (partitioning.activate); 1 without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get(name, 1)
+
+
+def spec_axes(entry) -> tuple:
+  """One PartitionSpec entry (None, 'a' or ('a', 'b')) as a tuple of mesh axis names."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _exclusive_cumsum(x: Array, axis: int = 0) -> Array:
+  return jnp.cumsum(x, axis=axis) - x
+
+
+def _segment_of(ends: Array, positions: Array) -> Array:
+  """For sorted segment ends (inclusive cumsum of sizes), the segment of each position; len(ends) past the end."""
+  return jnp.searchsorted(ends, positions, side='right').astype(jnp.int32)
+
+
+def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name):
+  """jax.lax.ragged_all_to_all (an indirection, so that a test can run the ragged path on CPU, where XLA has
+  no ragged-all-to-all, with an emulation)."""
+  return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                   axis_name=axis_name)
+
+
+def _local_expert_parallel(x, expert_index, weights, real, kernels, rng, *, ffn, num_experts, tile, exchange,
+                           capacity, model_axes, key_axes):
+  """One device's share (inside shard_map): x [n, H], expert_index / weights [n, k], real [n], kernels
+  [E/ep, ...] (F split over model_axes). Returns (y [n, H], [left-behind real tokens, real tokens] <f32>[1, 2])."""
+  axis = 'expert'
+  n, k = expert_index.shape
+  ep = jax.lax.axis_size(axis)
+  local = num_experts // ep
+  me = jax.lax.axis_index(axis)
+
+  # 1. My choices sorted by (global) expert, so each destination's rows are contiguous: n·k rows, no tiles.
+  send_layout = dropless_layout(expert_index[None], num_experts, real[None], tile=1)
+  rows = dropless_dispatch(x[None], send_layout)  # [n·k, H]
+  counts = send_layout.group_sizes.reshape(ep, local)  # my rows per (destination, its local expert)
+  table = jax.lax.all_gather(counts, axis)  # [source, destination, local expert], the same on every device
+  to_dst = table.sum(-1)  # [source, destination]
+  send_sizes, recv_sizes = to_dst[me], to_dst[:, me]
+  send_offsets = _exclusive_cumsum(send_sizes)  # where each destination's rows start among mine
+  recv_per_expert = table[:, me]  # [source, local expert]: what each source sends me
+  num_send = n * k
+
+  # 2. Exchange: a received buffer of M rows, each with its local expert (`local` for an empty row).
+  if exchange == 'ragged':
+    # Every source's rows, back to back in source order: at most ep·n·k rows, so nothing is ever dropped.
+    num_recv = ep * num_send
+    recv_offsets = _exclusive_cumsum(recv_sizes)
+    landing = _exclusive_cumsum(to_dst, 0)[me]  # where my rows for destination j start on j
+    received = _ragged_all_to_all(rows, _zeros_varying_like((num_recv, rows.shape[1]), rows.dtype, rows),
+                                  send_offsets,
+                                  send_sizes, landing, recv_sizes, axis)
+    segment = _segment_of(jnp.cumsum(recv_per_expert.reshape(-1)), jnp.arange(num_recv, dtype=jnp.int32))
+    recv_expert = jnp.where(segment < ep * local, segment % local, local)
+    sent = jnp.ones((num_send,), bool)
+  else:
+    # Fixed buffers of `capacity` rows per (source, destination); a destination's rows past the capacity
+    # (the last in expert-then-token order) are not sent and get no expert output.
+    slot = jnp.arange(capacity, dtype=jnp.int32)
+    index = send_offsets[:, None] + slot[None]  # [destination, slot]
+    filled = slot[None] < jnp.minimum(send_sizes, capacity)[:, None]
+    send = jnp.where(filled[..., None], jnp.take(rows, jnp.where(filled, index, 0), axis=0), 0)
+    received = jax.lax.all_to_all(send, axis, 0, 0, tiled=False).reshape(ep * capacity, rows.shape[1])
+    ends = jnp.cumsum(recv_per_expert, axis=1)  # [source, local expert]
+    recv_expert = jax.vmap(lambda e: _segment_of(e, slot))(ends).reshape(-1)  # `local` past a source's rows
+    row = jnp.arange(num_send, dtype=jnp.int32)
+    row_dst = _segment_of(jnp.cumsum(send_sizes), row)  # ep for rows past my real rows
+    sent = (row_dst < ep) & (row - send_offsets[jnp.minimum(row_dst, ep - 1)] < capacity)
+
+  # 3. My experts on the received rows, sorted by local expert and padded to tiles (dropless_layout again).
+  num_recv = received.shape[0]
+  in_use = recv_expert < local
+  recv_layout = dropless_layout(jnp.minimum(recv_expert, local - 1).reshape(1, num_recv, 1), local,
+                                in_use.reshape(1, num_recv), tile)
+  expert_rows = dropless_dispatch(received[None], recv_layout)
+  if rng is not None:
+    for name in key_axes:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(name))
+  out = ffn(expert_rows, kernels, recv_layout, rng)
+  if model_axes:  # wo contracted F, which is split over the model axes: partial sums
+    out = jax.lax.psum(out, model_axes)
+  done = dropless_combine(out, in_use.astype(jnp.float32).reshape(1, num_recv, 1), recv_layout)
+  done = done.reshape(num_recv, -1)  # the results in the received order; 0 in empty rows
+
+  # 4. The inverse exchange: each result back to the row it came from.
+  if exchange == 'ragged':
+    returned_at = _exclusive_cumsum(to_dst, 1)[:, me]  # where source s took its rows for me from
+    back = _ragged_all_to_all(done, _zeros_varying_like(rows.shape, rows.dtype, done, rows),
+                              _exclusive_cumsum(recv_sizes), recv_sizes,
+                              returned_at, send_sizes, axis)
+  else:
+    back = jax.lax.all_to_all(done.reshape(ep, capacity, -1), axis, 0, 0, tiled=False)
+    back = back.reshape(ep * capacity, -1)
+    row = jnp.arange(num_send, dtype=jnp.int32)
+    row_dst = jnp.minimum(_segment_of(jnp.cumsum(send_sizes), row), ep - 1)
+    where = row_dst * capacity + jnp.minimum(row - send_offsets[row_dst], capacity - 1)
+    back = jnp.where(sent[:, None], jnp.take(back, where, axis=0), 0)
+
+  # 5. The local combine, with the combine weights.
+  y = dropless_combine(back, weights[None], send_layout).reshape(n, -1)
+  choice_sent = jnp.take(sent, send_layout.token_row[0], mode='fill', fill_value=False)  # [n, k]
+  is_real = real > 0
+  left_behind = jnp.sum(is_real & ~jnp.any(choice_sent, axis=-1), dtype=jnp.float32)
+  return y, jnp.stack([left_behind, jnp.sum(is_real, dtype=jnp.float32)])[None]
+
+
+def dropless_expert_parallel(x: Array, expert_index: Array, weights: Array, real: Array,
+                             kernels: dict[str, Array], ffn, *, num_experts: int, tile: int,
+                             kernel_specs: dict, token_axes: Sequence[str], exchange: str = 'auto',
+                             capacity: Optional[int] = None, rng: Optional[Array] = None
+                             ) -> tuple[Array, Array]:
+  """The dropless expert layer with the experts split over the mesh's 'expert' axis (jax.shard_map).
+
+  Each device takes its share of the N = G·T tokens (split over `token_axes`), sorts its n·k choices by
+  expert, sends each device the rows of the experts it holds, runs them (`ffn`, grouped matmuls over its
+  E/ep local experts) and sends the results back, then combines its tokens' k results with the weights.
+
+  Args:
+    x: <float>[G, T, H]; expert_index <int32>[G, T, k]; weights <float32>[G, T, k]; real <float>[G, T].
+    kernels: {name: [E, ...]} in the mesh layout of `kernel_specs` (PartitionSpecs: the expert dim over
+      'expert', an 'expert_mlp' dim over the model axes, which are then summed over after `ffn`).
+    ffn: (rows [R, H], local kernels, DroplessLayout of the rows, rng or None) -> [R, H].
+    token_axes: the mesh axes the flat token dimension is split over (those of logical axis 'batch'); they
+      must include 'expert'.
+    exchange: 'ragged' (jax.lax.ragged_all_to_all: every row sent, buffers of ep·n·k rows, never drops;
+      TPU / GPU), 'capacity' (jax.lax.all_to_all of fixed buffers of `capacity` rows per source and
+      destination; the CPU fallback, XLA:CPU having no ragged-all-to-all) or 'auto' (ragged on TPU / GPU
+      by `target_platform`, else capacity).
+    capacity: rows per (source, destination) buffer of the 'capacity' exchange; None = n·k, a device's
+      whole share, so nothing can be dropped. With a smaller one, a destination's rows past it (the last in
+      (expert, token) order) are not sent: that choice's output is 0, as a choice dropped for capacity.
+    rng: the expert dropout key, folded with each device's mesh coordinates; None without dropout.
+
+  Returns:
+    y <float>[G, T, H] and the fraction of real tokens none of whose choices was sent (0 unless the
+    capacity exchange overflowed).
+  """
+  if exchange not in EP_EXCHANGES:
+    raise ValueError(f'Unknown expert-parallel exchange {exchange!r}; choose one of {EP_EXCHANGES}.')
+  if exchange == 'auto':
+    exchange = 'ragged' if target_platform() in ('gpu', 'cuda', 'rocm', 'tpu') else 'capacity'
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = dict(mesh.shape)
+  ep = sizes.get('expert', 1)
+  token_axes = tuple(token_axes)
+  if 'expert' not in token_axes or num_experts % ep:
+    raise ValueError(f'Dropless expert parallelism needs the tokens split over the expert axis (got '
+                     f'{token_axes}; partitioning.activate sets the logical axis rules) and '
+                     f'NUM_EXPERTS={num_experts} divisible by it ({ep}).')
+  for name, spec in kernel_specs.items():
+    if spec_axes(spec[0]) != ('expert',):
+      raise ValueError(f'Expert kernel {name!r} has sharding {spec}; dropless expert parallelism needs its '
+                       f'expert dimension over the mesh axis "expert" (partitioning.activate sets the rules).')
+  model_axes = spec_axes(kernel_specs['wo'][1])
+  num_groups, num_tokens, hidden = x.shape
+  k = expert_index.shape[-1]
+  shards = math.prod(sizes[a] for a in token_axes)
+  n_total = num_groups * num_tokens
+  n_pad = -(-n_total // shards) * shards
+  pad = lambda a: jnp.pad(a.reshape(n_total, *a.shape[2:]), ((0, n_pad - n_total),) + ((0, 0),) * (a.ndim - 2))
+  n_local = n_pad // shards
+  if capacity is None:
+    capacity = n_local * k
+  if capacity < 1:
+    raise ValueError(f'capacity must be >= 1, got {capacity}.')
+  tokens = P(token_axes)
+  body = functools.partial(_local_expert_parallel, ffn=ffn, num_experts=num_experts, tile=tile,
+                           exchange=exchange, capacity=min(capacity, n_local * k), model_axes=model_axes,
+                           key_axes=tuple(mesh.axis_names))
+  specs = {name: P(*spec) for name, spec in kernel_specs.items()}
+  y, counts = jax.shard_map(
+      body, in_specs=(tokens, tokens, tokens, tokens, specs, P()), out_specs=(tokens, tokens))(
+          pad(x), pad(expert_index), pad(weights), pad(real.astype(jnp.float32)), kernels, rng)
+  y = y[:n_total].reshape(num_groups, num_tokens, hidden)
+  counts = counts.sum(0)
+  return y, counts[0] / jnp.maximum(counts[1], 1.0)

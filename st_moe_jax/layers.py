@@ -188,10 +188,20 @@ class Experts(nn.Module):
     init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=-2, out_axis=-1,
                                             batch_axis=(0,))
     e, f = self.num_experts, self.intermediate_dim
-    kernels = {n: Kernel((e, hidden, f), ('expert', 'mlp_embed', 'expert_mlp'), init, name=n)()
+    kernels = {n: Kernel((e, hidden, f), EXPERT_INPUT_AXES, init, name=n)()
                for n in input_projection_names(self.num_inputs)}
-    kernels['wo'] = Kernel((e, f, hidden), ('expert', 'expert_mlp', 'mlp_embed'), init, name='wo')()
+    kernels['wo'] = Kernel((e, f, hidden), EXPERT_OUTPUT_AXES, init, name='wo')()
     return kernels
+
+
+# The logical axes of the experts' kernels: wi_* [E, H, F] and wo [E, F, H].
+EXPERT_INPUT_AXES = ('expert', 'mlp_embed', 'expert_mlp')
+EXPERT_OUTPUT_AXES = ('expert', 'expert_mlp', 'mlp_embed')
+
+
+def expert_kernel_axes(name: str) -> tuple[str, str, str]:
+  """The logical axes of expert kernel `name` ('wo' or an input projection)."""
+  return EXPERT_OUTPUT_AXES if name == 'wo' else EXPERT_INPUT_AXES
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ over `layers.Experts` kernels). Its settings are one `config.MoeConfig`, validat
 Semantics: docs/routing.md.
 """
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from st_moe_jax import dispatch as dispatch_lib
 from st_moe_jax import routing
 from st_moe_jax.config import MoeConfig
-from st_moe_jax.layers import Experts, batched_matmul, gated_ffn
+from st_moe_jax.layers import Experts, batched_matmul, expert_kernel_axes, gated_ffn
 from st_moe_jax.losses import MOE_METRIC_NAMES
 from st_moe_jax.routers import LinearRouter
 
@@ -255,9 +256,13 @@ class MoeLayer(nn.Module):
     dropout = nn.Dropout(rate=cfg.expert_dropout_rate)
     drop = lambda h: dropout(h, deterministic=not enable_dropout)
     if cfg.dropless:
-      y = self._dropless_experts(x, decision, real, {n: k.astype(self.dtype) for n, k in kernels.items()},
-                                 drop)
+      kernels = {n: k.astype(self.dtype) for n, k in kernels.items()}
       route_metrics = routing.dropless_metrics(decision.weights, real)
+      if dispatch_lib.mesh_axis_size('expert') > 1:
+        y, left_behind = self._dropless_expert_parallel(x, decision, real, kernels, enable_dropout)
+        route_metrics['fraction_tokens_left_behind'] = left_behind
+      else:
+        y = self._dropless_experts(x, decision, real, kernels, drop)
     else:
       expert_inputs = dispatch_lib.dispatch(x, decision.slots, cfg.dispatch_method)  # [G, E, C, H]
       # float32 kernels: batched_matmul casts them, keeping their gradients float32 (layers.cast_matmul).
@@ -307,3 +312,33 @@ class MoeLayer(nn.Module):
     grouped = lambda r, ks: list(dispatch_lib.grouped_matmuls(r, ks, layout, cfg.grouped_matmul_method))
     out = gated_ffn(rows, kernels, cfg.expert_activations, matmul=grouped, dropout=drop)  # [R, H]
     return dispatch_lib.dropless_combine(out, decision.weights, layout)
+
+  def _dropless_expert_parallel(self, x: Array, decision: Route, real: Array, kernels: dict[str, Array],
+                                enable_dropout: bool) -> tuple[Array, Array]:
+    """_dropless_experts with the experts split over the mesh's 'expert' axis (docs/routing.md §6): each
+    device sorts its own tokens' choices, exchanges them with all-to-alls and runs its E/ep experts
+    (dispatch.dropless_expert_parallel). Kernels and tokens keep the layout of the logical axis rules.
+
+    Returns y [G, T, H] and fraction_tokens_left_behind (0 unless the CPU fallback's buffers overflowed).
+    """
+    cfg = self.config
+    rate = cfg.expert_dropout_rate if enable_dropout else 0.0
+    rng = self.make_rng('dropout') if rate > 0 else None
+
+    def ffn(rows, local_kernels, layout, key):
+      grouped = lambda r, ks: list(dispatch_lib.grouped_matmuls(r, ks, layout, cfg.grouped_matmul_method))
+      drop = (lambda h: h) if key is None else functools.partial(_dropout, rate=rate, key=key)
+      return gated_ffn(rows, local_kernels, cfg.expert_activations, matmul=grouped, dropout=drop)
+
+    specs = {n: tuple(nn.logical_to_mesh_axes(expert_kernel_axes(n))) for n in kernels}
+    batch_spec = nn.logical_to_mesh_axes(('batch',))
+    token_axes = dispatch_lib.spec_axes(batch_spec[0] if batch_spec else None)
+    return dispatch_lib.dropless_expert_parallel(
+        x, decision.expert_index, decision.weights, real, kernels, ffn, num_experts=cfg.num_experts,
+        tile=cfg.dropless_tile_size, kernel_specs=specs, token_axes=token_axes, rng=rng)
+
+
+def _dropout(h: Array, *, rate: float, key: Array) -> Array:
+  """flax's nn.Dropout on h with an explicit key (inside shard_map, where the module's rng is not used)."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
+  return jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)

@@ -129,6 +129,7 @@ def test_dense_gradients_are_reduced_in_float32(report):
 def test_hlo_collective_parser():
   text = '\n'.join([
       '  %all-to-all.1 = bf16[4,8]{1,0} all-to-all(%x), channel_id=1',
+      '  %ragged_all_to_all.5 = f32[64,1,128]{2,1,0:T(1,128)} ragged-all-to-all(%a, %b, %c, %d, %e, %f)',
       '  %ar = (f32[2,3]{1,0}, /*index=1*/bf16[5]{0}) all-reduce(%a, %b), channel_id=2',
       '  %ag-start = (f32[2], f32[8]) all-gather-start(%y)',
       '  %ag-done = f32[8]{0} all-gather-done(%ag-start)',
@@ -137,6 +138,7 @@ def test_hlo_collective_parser():
   ])
   out = compile_tpu.hlo_collectives(text)
   assert out['all-to-all'] == {'count': 1, 'bytes_per_chip': 64, 'dtypes': {'bf16': 1}}
+  assert out['ragged-all-to-all'] == {'count': 1, 'bytes_per_chip': 64 * 128 * 4, 'dtypes': {'f32': 1}}
   assert out['all-reduce']['count'] == 1 and out['all-reduce']['bytes_per_chip'] == 24 + 10
   assert out['all-gather'] == {'count': 1, 'bytes_per_chip': 32, 'dtypes': {'f32': 1}}
   assert out['collective-permute']['bytes_per_chip'] == 12
