@@ -31,7 +31,8 @@ port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)
 
 pids=()
 for ((i = 0; i < num; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=$((devices / num)) ${XLA_FLAGS:-}" JAX_PLATFORMS=cpu \
+  # Last: it overrides a device count already in XLA_FLAGS.
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$((devices / num))" JAX_PLATFORMS=cpu \
     "$python" -m "$module" --coordinator_address="127.0.0.1:$port" --process_count="$num" \
     --process_index="$i" "$@" &
   pids+=($!)

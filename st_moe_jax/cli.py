@@ -346,7 +346,7 @@ def run_main(main: Callable[[argparse.Namespace], Any], description: str,
     print(f'ERROR: {message}', file=sys.stderr)
     sys.exit(2)
   except Exception as e:  # pylint: disable=broad-except
-    if not _peer_failure(e):
+    if debug or not _peer_failure(e):
       raise
     # One line, then exit at once: jax's exit hook would wait on the dead peer at the shutdown barrier and
     # abort with a C++ stack trace.
