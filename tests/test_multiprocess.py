@@ -1,7 +1,8 @@
 """Multi-process training on one machine, as on a pod (scripts/launch_local.sh): 2 processes × 4 simulated
 CPU devices joined by jax.distributed (gloo collectives), each reading its own data shard.
 
-The slow tests share two rounds of real runs (module fixture `runs`), run side by side:
+The slow tests share two rounds of real runs (module fixture `runs`), run side by side (JAX's
+compilation cache spares the resumed run its compilation):
   1. `killed`: 2 processes train with checkpoints; process 1 is SIGKILLed after step 3, and process 0 must
      then stop by itself. Beside it, `reference`: 1 process × 8 devices on the same global batches.
   2. `killed` resumed with scripts/launch_local.sh 2; meanwhile this process (1 process, 8 devices)
@@ -27,6 +28,9 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from tiny_flags import LM  # pylint: disable=g-bad-import-order  (tests/ is on sys.path)
+
+# One xdist worker runs them all, so that the module fixture's runs happen once (run_tests.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('multiprocess')
 
 STEPS = 4
 HEARTBEAT_S = 10
@@ -94,17 +98,18 @@ def wait(process, log_path, timeout=600):
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('mp'))
+  # The resumed run compiles what the killed one did: its processes read it from JAX's compilation cache.
+  cache = {'JAX_COMPILATION_CACHE_DIR': os.path.join(root, 'jax_cache')}
   d = {name: os.path.join(root, name) for name in ('killed', 'reference', 'copy', 'eval')}
   logs = {name: os.path.join(root, name) for name in ('killed0', 'killed1', 'reference', 'resumed')}
-  t0 = time.time()
   # Round 1.
   reference = popen([sys.executable, '-c', REFERENCE, *train_args(d['reference'], STEPS)], logs['reference'],
-                    XLA_FLAGS='--xla_force_host_platform_device_count=8')
+                    XLA_FLAGS='--xla_force_host_platform_device_count=8', **cache)
   port = free_port()
   killed = [popen([sys.executable, '-m', 'st_moe_jax.train', f'--coordinator_address=127.0.0.1:{port}',
                    '--process_count=2', f'--process_index={i}', f'--heartbeat_timeout_seconds={HEARTBEAT_S}',
                    *train_args(d['killed'], 100)], logs[f'killed{i}'],
-                  XLA_FLAGS='--xla_force_host_platform_device_count=4') for i in (0, 1)]
+                  XLA_FLAGS='--xla_force_host_platform_device_count=4', **cache) for i in (0, 1)]
   deadline = time.time() + 600
   while not re.search(r'^step +3/', read(logs['killed1']), re.M):
     if killed[1].poll() is not None or time.time() > deadline:
@@ -117,14 +122,11 @@ def runs(tmp_path_factory):
   survivor_rc = wait(killed[0], logs['killed0'], timeout=300)
   survivor_s = time.time() - killed_at
   killed[1].wait()
-  assert wait(reference, logs['reference']) == 0, read(logs['reference'], 'err')[-3000:]
-  round1_s = time.time() - t0
 
-  # Round 2: the resumed run in 2 processes; meanwhile this (1-process, 8-device) process evaluates
-  # checkpoint_2 (st_moe_jax.evaluate restores the 2 processes' parameters resharded onto its devices).
-  resumed = subprocess.Popen(['scripts/launch_local.sh', '2', *train_args(d['killed'], STEPS)], cwd=REPO,
-                             env=ENV, stdout=open(logs['resumed'] + '.out', 'w'),
-                             stderr=open(logs['resumed'] + '.err', 'w'))
+  # Round 2 (the reference may still run): the resumed run in 2 processes; meanwhile this (1-process,
+  # 8-device) process evaluates checkpoint_2 (st_moe_jax.evaluate restores the 2 processes' parameters
+  # resharded onto its devices).
+  resumed = popen(['scripts/launch_local.sh', '2', *train_args(d['killed'], STEPS)], logs['resumed'], **cache)
   shutil.copytree(os.path.join(d['killed'], 'checkpoint_2'), os.path.join(d['copy'], 'checkpoint_2'))
   evaluate_out = io.StringIO()
   cwd = os.getcwd()
@@ -134,10 +136,14 @@ def runs(tmp_path_factory):
     with contextlib.redirect_stdout(evaluate_out):
       evaluate.main(['--gin_file=gin/runs/eval.gin', *LM, f'--gin.CHECKPOINT_PATH="{d["copy"]}/checkpoint_2"',
                      f'--gin.EVAL_OUTPUT_DIR="{d["eval"]}"', '--gin.EVAL_STEPS=2'])
+  except BaseException:  # a failed evaluation (SystemExit included) leaves no runs behind
+    reference.kill()
+    resumed.send_signal(signal.SIGTERM)  # the launcher passes it on to its processes
+    raise
   finally:
     os.chdir(cwd)
+  assert wait(reference, logs['reference']) == 0, read(logs['reference'], 'err')[-3000:]
   resumed_rc = wait(resumed, logs['resumed'])
-  print(f'\nround 1 {round1_s:.0f}s, round 2 {time.time() - t0 - round1_s:.0f}s')
   return {'dirs': d, 'logs': logs, 'resumed_rc': resumed_rc, 'survivor_rc': survivor_rc,
           'survivor_s': survivor_s, 'evaluate_out': evaluate_out.getvalue()}
 
