@@ -7,7 +7,7 @@
 #
 # It waits for all of them and exits with the first failure's status; when one process fails, the others
 # are killed (a pod's peers would otherwise wait on it until the heartbeat timeout). SIGTERM / SIGINT are
-# passed on to every process (preemption: they agree on a step, save it and exit 0).
+# passed on to every process, as a pod's preemption reaches every host.
 # Environment: PYTHON (default python3), LAUNCH_DEVICES (default 8), LAUNCH_MODULE (default
 # st_moe_jax.train; st_moe_jax.evaluate and st_moe_jax.infer take the same flags).
 set -u
