@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh -r requirements-test.txt
 export TF_CPP_MIN_LOG_LEVEL=3
-exec .venv/bin/python -m pytest -q -n 2 --durations=15 tests "$@"
+# loadgroup: the tests of one xdist_group (tests/test_multiprocess.py's, sharing a module fixture) go to one
+# worker; the others are spread as by the default `load`.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15 tests "$@"

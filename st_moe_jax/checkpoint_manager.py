@@ -94,8 +94,9 @@ class DatasetHandler(ocp.CheckpointHandler):
     if not fileio.exists(prefix + '.index'):
       if not any(name.endswith('.index') for name in fileio.listdir(os.fspath(directory))):
         raise FileNotFoundError(f'{prefix}.index is missing')  # damaged: CheckpointCorruptError
+      check_process_count(os.path.dirname(os.fspath(directory).rstrip('/')))
       raise ProcessCountError(f'{directory} holds no data iterator state for process {jax.process_index()} '
-                              f'of {jax.process_count()} (was the run saved with another process count?).')
+                              f'of {jax.process_count()}.')
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     try:
       args.iterator.restore(prefix)
@@ -125,6 +126,30 @@ class DatasetHandler(ocp.CheckpointHandler):
 @dataclasses.dataclass
 class DatasetArgs(ocp.args.CheckpointArgs):
   iterator: data_lib.DataIterator
+
+
+def saved_process_count(checkpoint_dir: str) -> Optional[int]:
+  """How many processes saved checkpoint_dir's data iterator (dataset/train_ds-<i>-of-<n>.index); None
+  without one."""
+  dataset = fileio.join(checkpoint_dir, 'dataset')
+  if not fileio.isdir(dataset):
+    return None
+  counts = {int(m.group(1)) for name in fileio.listdir(dataset)
+            if (m := re.fullmatch(r'train_ds-\d+-of-(\d+)\.index', name))}
+  return max(counts) if counts else None
+
+
+def check_process_count(checkpoint_dir: str) -> None:
+  """ProcessCountError naming both counts when checkpoint_dir was saved by another number of processes:
+  each process saved its own shard's data position, which another process count cannot continue (a
+  silent restart of the data would repeat examples)."""
+  saved, current = saved_process_count(checkpoint_dir), jax.process_count()
+  if saved is not None and saved != current:
+    raise ProcessCountError(
+        f'{checkpoint_dir} was saved by {saved} processes but this run has {current} (its data position is '
+        f'per process): resume with {saved} processes (--process_count={saved}, e.g. scripts/launch_local.sh '
+        f'{saved} ...), or continue in a fresh MODEL_DIR with --gin.INITIAL_CHECKPOINT_PATH="\'{checkpoint_dir}'
+        '\'" (its parameters and step; fresh optimizer state and data order).')
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ mesh, the model's kind, and turning bad input into a clear message (exit status 
 Flags: --gin_file (repeatable; later files override earlier ones), --gin_bindings (repeatable),
 --gin.NAME=VALUE (rewritten to --gin_bindings=NAME=VALUE), --gin_search_paths (comma-separated, default
 '.'), --tfds_data_dir, and for multi-host --coordinator_address --process_count --process_index (or the
-environment variables JAX_COORDINATOR_ADDRESS / JAX_PROCESS_COUNT / JAX_PROCESS_INDEX). --debug (or
-ST_MOE_DEBUG=1) shows the stack trace of a bad-input error instead of the one-line message.
+environment variables JAX_COORDINATOR_ADDRESS / JAX_PROCESS_COUNT / JAX_PROCESS_INDEX) with
+--initialization_timeout and --heartbeat_timeout_seconds. --debug (or ST_MOE_DEBUG=1) shows the stack trace
+of a bad-input error instead of the one-line message.
 """
 
 import argparse
@@ -14,7 +15,9 @@ import difflib
 import logging
 import os
 import re
+import socket
 import sys
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import gin
@@ -62,6 +65,12 @@ def parse_flags(argv: Sequence[str], description: str,
   parser.add_argument('--coordinator_address', default=os.environ.get('JAX_COORDINATOR_ADDRESS'))
   parser.add_argument('--process_count', type=int, default=_env_int('JAX_PROCESS_COUNT'))
   parser.add_argument('--process_index', type=int, default=_env_int('JAX_PROCESS_INDEX'))
+  # jax.distributed's own defaults; set explicitly so a lost peer or coordinator ends the run, never a hang.
+  parser.add_argument('--initialization_timeout', type=int, default=300,
+                      help='seconds to wait for all processes to reach the coordinator')
+  parser.add_argument('--heartbeat_timeout_seconds', type=int, default=100,
+                      help='seconds without heartbeats after which a process counts as dead and the others '
+                      'stop')
   parser.add_argument('--multiprocess_gpu', action='store_true', help='accepted for t5x compatibility')
   parser.add_argument('--alsologtostderr', action='store_true', help='accepted for t5x compatibility')
   parser.add_argument('--debug', action='store_true',
@@ -82,7 +91,40 @@ def init_distributed(flags: argparse.Namespace) -> None:
   if flags.process_count is None or flags.process_index is None:
     raise UserError('--coordinator_address needs --process_count and --process_index (or JAX_PROCESS_COUNT '
                     'and JAX_PROCESS_INDEX).')
-  jax.distributed.initialize(flags.coordinator_address, flags.process_count, flags.process_index)
+  if not 0 <= flags.process_index < flags.process_count:
+    raise UserError(f'--process_index={flags.process_index} must be in [0, --process_count='
+                    f'{flags.process_count}).')
+  # On CPU, jax 0.10 joins the processes' devices with gloo collectives (jax_cpu_collectives_implementation's
+  # default), through the distributed client set up here.
+  if flags.process_index != 0:  # process 0 serves the coordinator itself
+    wait_for_coordinator(flags)
+  # A peer that dies later (no heartbeat for --heartbeat_timeout_seconds) makes jaxlib end the others
+  # ('Terminating process because the JAX distributed service detected fatal errors'), never a hang.
+  jax.distributed.initialize(flags.coordinator_address, flags.process_count, flags.process_index,
+                             initialization_timeout=flags.initialization_timeout,
+                             heartbeat_timeout_seconds=flags.heartbeat_timeout_seconds)
+
+
+def wait_for_coordinator(flags: argparse.Namespace) -> None:
+  """Waits (up to --initialization_timeout) until the coordinator's port accepts connections; UserError naming
+  the address if it never does. jaxlib would abort the process with a C++ stack trace instead."""
+  host, _, port = flags.coordinator_address.rpartition(':')
+  if not host or not port.isdigit():
+    raise UserError(f'--coordinator_address={flags.coordinator_address} must be HOST:PORT (process 0\'s host), '
+                    'e.g. --coordinator_address=10.0.0.2:8476.')
+  deadline = time.monotonic() + flags.initialization_timeout
+  while True:
+    try:
+      socket.create_connection((host.strip('[]'), int(port)), timeout=5).close()
+      return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise UserError(f'Process {flags.process_index} of {flags.process_count} could not reach the JAX '
+                        f'coordinator at --coordinator_address={flags.coordinator_address} within '
+                        f'--initialization_timeout={flags.initialization_timeout}s ({e.strerror or e}): check '
+                        'the address is process 0\'s host:port and reachable, and that process 0 was started.'
+                        ) from e
+      time.sleep(0.5)
 
 
 def _referenced_macros() -> set[str]:
@@ -295,7 +337,7 @@ def run_main(main: Callable[[argparse.Namespace], Any], description: str,
     parse_gin(flags, required_defaults)
     main(flags)
   except (UserError, common.TaskInputError, ckpt_lib.CheckpointShapeError, ckpt_lib.CheckpointCorruptError,
-          trainer_lib.TrainingDivergedError) as e:
+          ckpt_lib.ProcessCountError, trainer_lib.TrainingDivergedError) as e:
     if debug:
       raise
     # gin appends "In call to configurable ..." lines; the message itself says what to change.
@@ -303,6 +345,27 @@ def run_main(main: Callable[[argparse.Namespace], Any], description: str,
                         if not line.strip().startswith('In call to configurable'))
     print(f'ERROR: {message}', file=sys.stderr)
     sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    if debug or not _peer_failure(e):
+      raise
+    # One line, then exit at once: jax's exit hook would wait on the dead peer at the shutdown barrier and
+    # abort with a C++ stack trace.
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    print(f'ERROR: process {flags.process_index} of {flags.process_count}: a step shared with the other '
+          f'processes failed ({reason}). Another process most likely died (see its log; a process that '
+          f'sends no heartbeat for --heartbeat_timeout_seconds={flags.heartbeat_timeout_seconds} counts as '
+          'dead); rerun the same command to resume from the last checkpoint.', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _peer_failure(error: BaseException) -> bool:
+  """A JAX runtime error in a multi-process run (a collective or the coordination service lost a peer)."""
+  if 'jax' not in sys.modules:
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+  return (jax.distributed.is_initialized() and jax.process_count() > 1
+          and isinstance(error, jax.errors.JaxRuntimeError))
 
 
 def call_configurable(fn: Callable[[], Any], name: str) -> Any:

@@ -88,6 +88,8 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
     return None
   if done is not None:
     check_resume_batch_size(model_dir, done, train_dataset_cfg.batch_size)
+    # Before the data pipeline and config.gin: another process count cannot continue the saved positions.
+    ckpt_lib.check_process_count(fileio.join(model_dir, f'checkpoint_{done}'))
   import jax  # pylint: disable=g-import-not-at-top
   cli.check_task_fits_model(train_dataset_cfg, kind)
   if train_eval_dataset_cfg is not None and eval_period:
