@@ -33,6 +33,7 @@ tokens dropped, router z-loss, auxiliary loss and router confidence over trainin
 
   python scripts/router_study.py --routers dense,st_moe_top2,switch_top1 --seeds 0,1,2
   python scripts/router_study.py --routers sparsemixer_v2,rmoe,lory,dense_total_params --seeds 0
+  python scripts/router_study.py --report_only --report_dir docs     # the report of the results so far
   python scripts/router_study.py --preset quick --out_dir /tmp/rs   # smoke test, about a minute
 """
 
@@ -123,6 +124,8 @@ def parse_args(argv=None):
   parser.add_argument('--timing_rounds', type=int, default=5,
                       help='round-robin rounds of the side-by-side step timing (0: keep earlier timings)')
   parser.add_argument('--timing_steps', type=int, default=5, help='steps per router per timing round')
+  parser.add_argument('--report_only', action='store_true',
+                      help='write the report from the results so far (e.g. of a study still running); no training')
   args = parser.parse_args(argv)
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudyConfig)
                if getattr(args, f.name) is not None}
@@ -498,6 +501,9 @@ def main(argv=None):
   os.makedirs(args.out_dir, exist_ok=True)
   results_path = os.path.join(args.out_dir, 'results.json')
   results = load_results(results_path, c)
+  if args.report_only:
+    print(write_report(results, args))
+    return
   command = 'python scripts/router_study.py ' + ' '.join(
       shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
   if command not in results['commands']:
