@@ -45,6 +45,28 @@ def write_scalars(directory: str, step: int, scalars: Mapping[str, float]) -> No
   writer.close()
 
 
+def read_scalars(directory: str) -> dict[str, tuple[list[int], list[float]]]:
+  """The scalars a SummaryWriter wrote in `directory` (e.g. MODEL_DIR/train): {tag: (steps, values)}, in
+  step order. Safe to call while a run is writing there: a record not yet complete is left out."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+  from st_moe_jax import fileio  # pylint: disable=g-import-not-at-top
+  points: dict[str, list[tuple[int, float]]] = {}
+  if not fileio.isdir(directory):
+    return {}
+  for name in sorted(fileio.listdir(directory)):
+    if not name.startswith('events.out.tfevents.'):
+      continue
+    try:
+      for record in tf.data.TFRecordDataset(fileio.join(directory, name)):
+        event = event_pb2.Event.FromString(record.numpy())
+        for value in event.summary.value:
+          points.setdefault(value.tag, []).append((int(event.step), float(tf.make_ndarray(value.tensor))))
+    except tf.errors.DataLossError:
+      pass  # the writer's last record is being written
+  return {tag: tuple(map(list, zip(*sorted(p)))) for tag, p in points.items()}
+
+
 def _step_metrics(step: int, total: int, metrics: Mapping[str, float]) -> str:
   return (f'step {step:>6d}/{total}  loss {metrics["loss"]:.4f}  ce {metrics["cross_ent_loss"]:.4f}  '
           f'acc {metrics["accuracy"]:.3f}  lr {metrics["learning_rate"]:.2e}  ')
