@@ -63,6 +63,8 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   import nbformat
 
   monkeypatch.setenv('JUPYTER_PATH', _kernel_spec(tmp_path))
+  monkeypatch.setenv('JUPYTER_RUNTIME_DIR', str(tmp_path / 'jupyter_runtime'))  # connection files
+  monkeypatch.setenv('IPYTHONDIR', str(tmp_path / 'ipython'))
   monkeypatch.setenv('ST_MOE_NOTEBOOK_STEPS', str(STEPS))
   monkeypatch.setenv('ST_MOE_NOTEBOOK_GIN', ' '.join(SMALL))
   monkeypatch.setenv('ST_MOE_NOTEBOOK_RUNS', str(tmp_path / 'runs'))
