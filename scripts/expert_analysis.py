@@ -154,8 +154,8 @@ class Run:
     model, kind = self.model, self.kind
 
     def apply(params, batch):
-      _, state = model.apply({'params': params}, **trainer_lib.model_inputs(batch, kind), enable_dropout=False,
-                             mutable=['intermediates'])
+      _, state = model.apply({'params': params}, **trainer_lib.model_inputs(batch, kind),
+                             enable_dropout=False, mutable=['intermediates'])
       inter = state.get('intermediates', {})
       sown = losses._sown_by_layer  # pylint: disable=protected-access  (the one reader of sown values)
       return ({k: v[0] for k, v in sown(inter, moe_lib.TOP1_EXPERT).items()},

@@ -260,8 +260,8 @@ def _main(flags: argparse.Namespace, print_fn: Optional[Callable[[str], None]] =
 def main(argv: Optional[Sequence[str]] = None, *, print_fn: Optional[Callable[[str], None]] = None) -> None:
   """The command line (`python -m st_moe_jax.train ...`), also callable in-process with its flags as argv;
   print_fn receives the progress lines (default: print)."""
-  cli.run_main(functools.partial(_main, print_fn=print_fn), 'Train an ST-MoE model (t5x-style gin configuration).',
-               argv)
+  cli.run_main(functools.partial(_main, print_fn=print_fn),
+               'Train an ST-MoE model (t5x-style gin configuration).', argv)
 
 
 if __name__ == '__main__':

@@ -1,7 +1,7 @@
 """notebooks/st_moe_quickstart.ipynb runs headless, top to bottom, without an error in any cell.
 
-The notebook is executed with nbclient in a kernel of this Python (the project's .venv), from the
-repository root, with ST_MOE_NOTEBOOK_STEPS (a few steps) and ST_MOE_NOTEBOOK_GIN (a smaller model) so it
+The notebook is executed with nbclient in a kernel of this Python (the project's .venv), started in
+notebooks/ as Jupyter would start it (the notebook finds the checkout around it), with ST_MOE_NOTEBOOK_STEPS (a few steps) and ST_MOE_NOTEBOOK_GIN (a smaller model) so it
 fits CI's time; every cell still runs (install guard, live training, expert load, heat map, generation,
 the router switch). Its runs go to a temporary runs/ folder: the checkout's runs/ is left alone.
 """
