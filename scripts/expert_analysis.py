@@ -36,6 +36,7 @@ one `ERROR:` line and exit status 2, as the entry points do.
 
 import argparse
 import collections
+import functools
 import html
 import io
 import json
@@ -146,6 +147,22 @@ class Run:
           None, f'The parameters in {self.checkpoint_dir} could not be read: '
           f'{ckpt_lib._root_cause(e)}') from e  # pylint: disable=protected-access
 
+  @functools.cached_property
+  def routing_apply(self):
+    """jit of (params, batch) -> ({layer: top-1 expert [B, L]}, {layer: its probability [B, L]}), one per
+    Run: other parameters of the same model (e.g. each checkpoint of the run) reuse its compilation."""
+    model, kind = self.model, self.kind
+
+    def apply(params, batch):
+      _, state = model.apply({'params': params}, **trainer_lib.model_inputs(batch, kind),
+                             enable_dropout=False, mutable=['intermediates'])
+      inter = state.get('intermediates', {})
+      sown = losses._sown_by_layer  # pylint: disable=protected-access  (the one reader of sown values)
+      return ({k: v[0] for k, v in sown(inter, moe_lib.TOP1_EXPERT).items()},
+              {k: v[0] for k, v in sown(inter, moe_lib.TOP1_PROBABILITY).items()})
+
+    return jax.jit(apply)
+
   def _parse_config(self) -> None:
     from st_moe_jax import train  # pylint: disable=g-import-not-at-top,unused-import  (registers train_script)
     gin.clear_config()
@@ -175,17 +192,7 @@ def stream_tokens(batch: dict[str, np.ndarray], layer: str) -> tuple[np.ndarray,
 def routing_per_token(run: Run, batches) -> tuple[dict[str, dict[str, list[np.ndarray]]], list]:
   """Teacher-forced apply over `batches`: ({layer: {'expert': [[B, L] per batch], 'probability': [...]}},
   the batches)."""
-  model, kind = run.model, run.kind
-
-  def apply(params, batch):
-    _, state = model.apply({'params': params}, **trainer_lib.model_inputs(batch, kind), enable_dropout=False,
-                           mutable=['intermediates'])
-    inter = state.get('intermediates', {})
-    sown = losses._sown_by_layer  # pylint: disable=protected-access  (the one reader of sown values)
-    return ({k: v[0] for k, v in sown(inter, moe_lib.TOP1_EXPERT).items()},
-            {k: v[0] for k, v in sown(inter, moe_lib.TOP1_PROBABILITY).items()})
-
-  apply = jax.jit(apply)
+  apply = run.routing_apply
   out: dict[str, dict[str, list[np.ndarray]]] = {}
   seen = []
   with partitioning.activate(run.mesh, run.evaluator.rules):
@@ -467,9 +474,8 @@ def expert_colours(num_experts: int) -> list[tuple[float, float, float]]:
 def write_heatmap(path: str, layer: str, stats: dict[str, Any]) -> None:
   """Experts (rows) × sample positions (columns): the chosen expert's cell in its colour, shaded by the
   router's top-1 probability; the tokens label the columns."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A Figure of its own, not pyplot: no backend is chosen or changed (a notebook keeps its inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   sample, num_experts = stats['sample'], stats['num_experts']
   colours = expert_colours(num_experts)
   n = len(sample['tokens'])
@@ -477,7 +483,8 @@ def write_heatmap(path: str, layer: str, stats: dict[str, Any]) -> None:
   for pos, (e, p) in enumerate(zip(sample['expert'], sample['probability'])):
     shade = 0.35 + 0.65 * p  # low confidence is paler
     image[e, pos] = 1.0 - shade * (1.0 - np.asarray(colours[e]))
-  fig, ax = plt.subplots(figsize=(min(2 + 0.16 * n, 40), 1.2 + 0.3 * num_experts))
+  fig = Figure(figsize=(min(2 + 0.16 * n, 40), 1.2 + 0.3 * num_experts))
+  ax = fig.subplots()
   ax.imshow(image, aspect='auto', interpolation='nearest')
   ax.set_yticks(range(num_experts))
   ax.set_yticklabels([f'expert {e}' for e in range(num_experts)], fontsize=7)
@@ -489,7 +496,6 @@ def write_heatmap(path: str, layer: str, stats: dict[str, Any]) -> None:
   fig.savefig(buffer, format='png', dpi=110)
   with fileio.open(path, 'wb') as f:
     f.write(buffer.getvalue())
-  plt.close(fig)
 
 
 def write_html(path: str, layer: str, stats: dict[str, Any], report: dict[str, Any]) -> None:

@@ -258,18 +258,18 @@ def train_and_evaluate(router: str, seed: int, c: StudyConfig, out_dir: str, mes
                                c.final_eval_batches)
   tb = summaries.read_scalars(os.path.join(model_dir, 'train'))
   curve = summaries.read_scalars(os.path.join(model_dir, 'training_eval', 'validation')).get(
-      'bits_per_byte', {})
-  dropped = tb.get('experts/fraction_tokens_left_behind', {})
+      'bits_per_byte', ([], []))
+  dropped = tb.get('experts/fraction_tokens_left_behind', ([], []))[1]
   return {
       'router': router, 'seed': seed,
       'params': int(sum(x.size for x in jax.tree.leaves(state.params))),
       'val_bits_per_byte': final['bits_per_byte'],
       'val_bits_per_byte_se': final['bits_per_byte_se'],
       'val_bytes': final['target_tokens'],
-      'dropped_train': float(np.mean(list(dropped.values()))) if dropped else None,
+      'dropped_train': float(np.mean(dropped)) if dropped else None,
       'dropped_eval': final.get('experts/fraction_tokens_left_behind'),
       'router_z_loss_eval': final.get('experts/router_z_loss'),
-      'curve': sorted([int(s), v] for s, v in curve.items()),
+      'curve': [[step, value] for step, value in zip(*curve)],
       'last_sitting_train_s': train_s,
   }
 
@@ -445,9 +445,9 @@ def plot_moe_metrics(results: dict, out_dir: str, path: str) -> None:
       continue
     tags = summaries.read_scalars(os.path.join(run_dir(out_dir, router, seeds[0]), 'train'))
     for ax, name in zip(axes, MOE_CURVES):
-      points = sorted(tags.get(f'experts/{name}', {}).items())
-      if points:
-        ax.plot(*zip(*points), label=router)
+      steps, values = tags.get(f'experts/{name}', ([], []))
+      if steps:
+        ax.plot(steps, values, label=router)
   for ax, name in zip(axes, MOE_CURVES):
     ax.set_title(name)
     ax.set_xlabel('step')

@@ -45,17 +45,27 @@ def write_scalars(directory: str, step: int, scalars: Mapping[str, float]) -> No
   writer.close()
 
 
-def read_scalars(directory: str) -> dict[str, dict[int, float]]:
-  """{tag: {step: value}} of the scalars in `directory`'s event files, files in name (time) order, so a
-  step written again after a resume keeps its last value."""
+def read_scalars(directory: str) -> dict[str, tuple[list[int], list[float]]]:
+  """The scalars a SummaryWriter wrote in `directory` (e.g. MODEL_DIR/train): {tag: (steps, values)}, in
+  step order; a step written again after a resume keeps its last value (files are read in name, i.e. time,
+  order). Safe to call while a run is writing there: a record not yet complete is left out."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  scalars: dict[str, dict[int, float]] = {}
-  for path in sorted(tf.io.gfile.glob(directory.rstrip('/') + '/events.out.tfevents.*')):
-    for record in tf.data.TFRecordDataset(path):
-      event = tf.compat.v1.Event.FromString(record.numpy())
-      for value in event.summary.value:
-        scalars.setdefault(value.tag, {})[int(event.step)] = float(tf.make_ndarray(value.tensor))
-  return scalars
+  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+  from st_moe_jax import fileio  # pylint: disable=g-import-not-at-top
+  points: dict[str, dict[int, float]] = {}
+  if not fileio.isdir(directory):
+    return {}
+  for name in sorted(fileio.listdir(directory)):
+    if not name.startswith('events.out.tfevents.'):
+      continue
+    try:
+      for record in tf.data.TFRecordDataset(fileio.join(directory, name)):
+        event = event_pb2.Event.FromString(record.numpy())
+        for value in event.summary.value:
+          points.setdefault(value.tag, {})[int(event.step)] = float(tf.make_ndarray(value.tensor))
+    except tf.errors.DataLossError:
+      pass  # the writer's last record is being written
+  return {tag: (sorted(p), [p[step] for step in sorted(p)]) for tag, p in points.items()}
 
 
 def _step_metrics(step: int, total: int, metrics: Mapping[str, float]) -> str:

@@ -18,6 +18,7 @@ st_moe_jax.import_tensorflow_quietly()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
+import functools
 import re
 from typing import Any, Callable, Optional, Sequence
 
@@ -48,18 +49,22 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
           checkpoint_period: int = 1000, keep_checkpoints: Optional[int] = None,
           async_checkpointing: bool = True, random_seed: Optional[int] = 0,
           freeze_patterns: Sequence[str] = (), lory_dense_warmup_fraction: float = 0.0,
-          devices: Optional[Sequence[Any]] = None) -> Optional[trainer_lib.TrainState]:
+          devices: Optional[Sequence[Any]] = None,
+          print_fn: Optional[Callable[[str], None]] = None) -> Optional[trainer_lib.TrainState]:
   """Trains `model` on train_dataset_cfg to TRAIN_STEPS (or checkpoint step + TRAIN_STEPS_RELATIVE).
 
   lory_dense_warmup_fraction: LORY_DENSE_WARMUP_FRACTION (gin/runs/lory_warmup.gin): a Lory model's first
     round(fraction · TRAIN_STEPS) steps train its dense counterpart, which is then upcycled
     (`lory_warmup.fit_with_dense_warmup`); 0 trains the Lory model from the start.
   devices: the devices the mesh spans (default: all of jax.devices()).
+  print_fn: where the progress lines go (default: print), one call per line; e.g. a notebook's live loss
+    plot (notebooks/st_moe_quickstart.ipynb). Not a gin parameter.
 
   Returns:
     The final train state; None when MODEL_DIR is already at TRAIN_STEPS (nothing is built then).
   """
   model_dir = cli.required(model_dir, 'MODEL_DIR', '"\'runs/my_run\'"')
+  print_fn = print_fn or (lambda line: print(line, flush=True))
   if train_steps_relative is None:
     _check_steps(train_steps, 'TRAIN_STEPS')
   else:
@@ -84,7 +89,7 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
   done = ckpt_lib.latest_checkpoint_step(model_dir)
   if done is not None and done >= train_steps:
     # Nothing to train: no data pipeline, no compilation.
-    print(f'{model_dir} is already at step {done} >= TRAIN_STEPS={train_steps}.', flush=True)
+    print_fn(f'{model_dir} is already at step {done} >= TRAIN_STEPS={train_steps}.')
     return None
   if done is not None:
     check_resume_batch_size(model_dir, done, train_dataset_cfg.batch_size)
@@ -95,9 +100,9 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
   if train_eval_dataset_cfg is not None and eval_period:
     cli.check_task_fits_model(train_eval_dataset_cfg, kind)
   if jax.process_index() == 0:
-    print(f'data: {train_dataset_cfg.mixture_or_task_name!r} ({train_dataset_cfg.split}), batch '
-          f'{train_dataset_cfg.batch_size}, lengths {dict(train_dataset_cfg.task_feature_lengths or {})}; '
-          'building the pipeline...', flush=True)
+    print_fn(f'data: {train_dataset_cfg.mixture_or_task_name!r} ({train_dataset_cfg.split}), batch '
+             f'{train_dataset_cfg.batch_size}, lengths {dict(train_dataset_cfg.task_feature_lengths or {})}; '
+             'building the pipeline...')
   shard = data_lib.shard_info()
   train_ds = data_lib.get_dataset(train_dataset_cfg, kind, num_processes=jax.process_count(), shard=shard)
   train_data = data_lib.DataIterator(train_ds)
@@ -123,11 +128,11 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
   eval_name = (train_eval_dataset_cfg or train_dataset_cfg).mixture_or_task_name
   if warmup is None:
     state = trainer_lib.fit(trainer, model_dir, train_data, loop, eval_data=eval_data, eval_name=eval_name,
-                            initial_checkpoint_path=initial_checkpoint_path)
+                            initial_checkpoint_path=initial_checkpoint_path, print_fn=print_fn)
   else:
     state = lory_warmup.fit_with_dense_warmup(
         make_trainer(warmup.dense_model), trainer, warmup, model_dir, train_data, loop,
-        seed=random_seed or 0, eval_data=eval_data, eval_name=eval_name)
+        seed=random_seed or 0, eval_data=eval_data, eval_name=eval_name, print_fn=print_fn)
   write_model_info(model_dir, trainer)
   return state
 
@@ -243,18 +248,22 @@ def write_model_info(model_dir: str, trainer: trainer_lib.Evaluator) -> None:
 # Registered only in the importable module: `python -m st_moe_jax.train` delegates to it (see the bottom),
 # so the gin files' `import st_moe_jax.train` never registers a second copy from __main__.
 if __name__ != '__main__':
-  train = gin.configurable('train', module='train_script')(train)
+  # print_fn is the caller's (train.main), never a binding: config.gin does not list it.
+  train = gin.configurable('train', module='train_script', denylist=['print_fn'])(train)
 
 
-def _main(flags: argparse.Namespace) -> None:
+def _main(flags: argparse.Namespace, print_fn: Optional[Callable[[str], None]] = None) -> None:
   del flags
-  cli.call_configurable(train, 'train')
+  cli.call_configurable(functools.partial(train, print_fn=print_fn), 'train')
   # gin records a configurable's parameters when its call returns: now the operative config is complete.
   write_config(gin_setup.macro('MODEL_DIR'), gin.operative_config_str())
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  cli.run_main(_main, 'Train an ST-MoE model (t5x-style gin configuration).', argv)
+def main(argv: Optional[Sequence[str]] = None, *, print_fn: Optional[Callable[[str], None]] = None) -> None:
+  """The command line (`python -m st_moe_jax.train ...`), also callable in-process with its flags as argv;
+  print_fn receives the progress lines (default: print)."""
+  cli.run_main(functools.partial(_main, print_fn=print_fn),
+               'Train an ST-MoE model (t5x-style gin configuration).', argv)
 
 
 if __name__ == '__main__':
