@@ -9,6 +9,7 @@ the router switch). Its runs go to a temporary runs/ folder: the checkout's runs
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -45,6 +46,12 @@ def test_read_scalars_reads_back_what_a_run_wrote(tmp_path):
   assert summaries.read_scalars(str(tmp_path)) == {
       'loss': ([1, 2], [2.0, 1.5]), 'experts/decoder/layers_1/expert_usage': ([1], [0.75])}
   assert summaries.read_scalars(str(tmp_path / 'missing')) == {}
+  # A resumed run writes step 2 again, in a newer file: its value wins.
+  time.sleep(1.1)  # event file names carry the time in seconds
+  writer = summaries.SummaryWriter(str(tmp_path))
+  writer.write(2, {'loss': 1.25})
+  writer.close()
+  assert summaries.read_scalars(str(tmp_path))['loss'] == ([1, 2], [2.0, 1.25])
 
 
 def _kernel_spec(tmp_path) -> str:
