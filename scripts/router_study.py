@@ -27,7 +27,8 @@ Wall-clock: training times on a shared host mean little, so the steps of every r
 timed side by side (round-robin, in one process, after training): "equal wall-clock" compares each router's
 validation curve at the step where it has used as much time as the dense model's whole run.
 
-Outputs (--report_dir, default OUT_DIR): router_study.md (table, settings, command), router_study.json,
+Outputs (--report_dir, default OUT_DIR): router_study.md (table, settings, command; a hand-written section
+from '## Findings' on is kept when it is written again), router_study.json,
 router_study_validation.png (curves against steps and wall-clock), router_study_moe_metrics.png (expert usage,
 tokens dropped, router z-loss, auxiliary loss and router confidence over training, from the event files).
 
@@ -72,6 +73,7 @@ DESCRIPTIONS = {
     'lory': 'Lory segment merging, experts of width F',
 }
 VOCAB = 384  # ByteVocabulary's 259 ids, rounded up to a multiple of 128 (st_moe_tiny)
+FINDINGS = '## Findings'
 MOE_CURVES = ('expert_usage', 'fraction_tokens_left_behind', 'router_z_loss', 'auxiliary_loss',
               'router_confidence')
 
@@ -487,7 +489,13 @@ def write_report(results: dict, args) -> str:
         f'{settings}\n\n{table}\n\n{notes}\n\n![validation](router_study_validation.png)\n\n'
         f'![MoE metrics over training](router_study_moe_metrics.png)\n')
   os.makedirs(args.report_dir, exist_ok=True)
-  with open(os.path.join(args.report_dir, 'router_study.md'), 'w') as f:
+  path = os.path.join(args.report_dir, 'router_study.md')
+  if os.path.exists(path):  # a hand-written '## Findings' section survives regeneration
+    with open(path) as f:
+      previous = f.read()
+    if FINDINGS in previous:
+      md += '\n' + previous[previous.index(FINDINGS):]
+  with open(path, 'w') as f:
     f.write(md)
   save_json(os.path.join(args.report_dir, 'router_study.json'), {**results, 'summary': rows})
   plot_validation(results, os.path.join(args.report_dir, 'router_study_validation.png'))

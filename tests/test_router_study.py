@@ -74,8 +74,11 @@ def test_a_study_killed_mid_run_continues_where_it_stopped(study, tmp_path):
   results = json.loads((killed / 'results.json').read_text())
   del results['runs']['st_moe_top2/seed1']
   (killed / 'results.json').write_text(json.dumps(results))
+  with open(killed / 'router_study.md', 'a') as f:
+    f.write('\n## Findings\n\nWritten by hand.\n')
   result = run_study(killed)
   assert '1 runs to do (3 done)' in result.stderr
+  assert (killed / 'router_study.md').read_text().endswith('## Findings\n\nWritten by hand.\n')
   assert 'resum' in result.stderr.lower() and 'checkpoint_4' in result.stderr
   resumed = json.loads((killed / 'results.json').read_text())['runs']['st_moe_top2/seed1']
   original = report['runs']['st_moe_top2/seed1']
