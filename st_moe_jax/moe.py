@@ -149,10 +149,10 @@ def per_group_shard(fn, *args):
   args and fn's outputs are arrays (or pytrees of them) whose leading axis is G, the routing groups. Under
   an active mesh and logical axis rules (partitioning.activate) with G split evenly over the mesh axes of
   the logical 'batch' axis, fn runs in a shard_map over those axes, so each device routes only its own
-  groups and no routing tensor crosses devices: without it, XLA's CPU / GPU partitioner all-gathers the
-  [G, T, E] router probabilities for lax.top_k (TPU lowers top_k to a sort and keeps it local), and then
-  computes top-k, the capacity cumsum and the slot scatter on every group everywhere. Otherwise (one
-  device, no rules, G not a multiple of the shards) fn(*args) as is; the results are the same.
+  groups and no routing tensor crosses devices: left to the logical axis rules, XLA's CPU / GPU partitioner
+  all-gathers the [G, T, E] router probabilities for lax.top_k and runs top-k on every group on every device
+  (TPU lowers top_k to a sort and keeps it local). Otherwise (one device, no rules, G not a multiple of the
+  shards) fn(*args) as is; the results are the same.
   """
   mesh = jax.sharding.get_abstract_mesh()
   axes = nn.logical_to_mesh_axes(('batch',))[0]  # ('expert', 'data') under the standard rules
