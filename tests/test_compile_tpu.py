@@ -107,6 +107,24 @@ def test_gather_dispatch_has_no_one_hot_buffer(report):
         assert shape not in shapes, shape
 
 
+def test_routing_stays_local_to_its_group_shard(report):
+  """No router tensor crosses chips: no all-gather of a [G, T, E] / [E, T] array (moe.per_group_shard;
+  tests/test_local_routing.py checks the same on the simulated CPU mesh, where it failed before), and each
+  chip's routing top-k works on its own G / 8 groups."""
+  from test_local_routing import gathered_router_tensors
+  _, hlo = report
+  experts, groups, shards = 4, 8, 8  # G = E x 2 replicas; 8 batch shards
+  for tokens in (16 * 64 // groups, 16 * 32 // groups):  # encoder, decoder tokens per group
+    assert not gathered_router_tensors(hlo['train'], tokens, experts)
+  local_elements = 16 * 64 // shards * experts  # a chip's encoder tokens x E
+  top_k = [line for line in hlo['train'].splitlines() if re.search(r'\s(sort|custom-call)\(', line)
+           and 'top_k' in line]
+  assert top_k
+  for line in top_k:
+    for dims in re.findall(r'\[([0-9,]+)\]', line.split('=', 1)[1].split('(', 1)[0]):
+      assert np.prod([int(d) for d in dims.split(',')]) <= local_elements, line[:200]
+
+
 def test_dense_gradients_are_reduced_in_float32(report):
   """The bfloat16 model's kernel gradients are summed across chips in float32 (layers.cast_matmul): no
   all-reduce / reduce-scatter of a bf16 array of a kernel's shape."""
