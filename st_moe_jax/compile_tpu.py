@@ -431,6 +431,9 @@ def format_report(r: Mapping[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+# Exit status when the step does not fit in HBM (2 is bad input, as in the other entry points).
+EXIT_DOES_NOT_FIT = 3
+
 # Macros the run files leave REQUIRED that a compile does not need.
 REQUIRED_DEFAULTS = {'MODEL_DIR': 'None', 'TRAIN_STEPS': '1', 'MIXTURE_OR_TASK_NAME': "'compile_only'"}
 
@@ -469,6 +472,8 @@ def _main(flags: argparse.Namespace) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(flags.json_out)), exist_ok=True)
     with open(flags.json_out, 'w') as f:
       json.dump(report, f, indent=1)
+  if not report['fits']:
+    sys.exit(EXIT_DOES_NOT_FIT)  # the report is out; a sweep's script sees the verdict in the status too
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -250,3 +250,18 @@ def test_verdict_says_by_how_much_and_what_dominates():
   line = compile_tpu.verdict(report)
   assert line.startswith('DOES NOT FIT: 40.00 GiB per chip > 32 GiB HBM, over by 8.00 GiB (1.25x)'), line
   assert line.index('temporaries 30.00 GiB') < line.index('params 8.00 GiB') and 'logits_dense' in line
+
+
+def test_a_step_that_does_not_fit_exits_3_after_the_report(report, tmp_path, monkeypatch, capsys):
+  """The report (printed and JSON) comes out first; the status then tells a sweep's script the verdict."""
+  data, _ = report
+  over = {**data, 'fits': False, 'hbm_bytes_per_chip': data['bytes_per_chip']['total'] // 2}
+  over['verdict'] = compile_tpu.verdict(over)
+  monkeypatch.setattr(compile_tpu, 'compile_report', lambda *args, **kwargs: over)
+  monkeypatch.chdir(REPO)
+  out = tmp_path / 'report.json'
+  with pytest.raises(SystemExit) as exit_info:
+    compile_tpu.main([*TINY, f'--topology={TOPOLOGY}', f'--mesh={MESH}', f'--json_out={out}'])
+  assert exit_info.value.code == compile_tpu.EXIT_DOES_NOT_FIT == 3
+  assert 'DOES NOT FIT' in capsys.readouterr().out
+  assert json.loads(out.read_text())['fits'] is False
