@@ -331,7 +331,38 @@ def compile_report(topology: str, mesh_flag: Optional[str] = None, *, model: Any
   start = time.time()
   trainer.prepare(batch)
   train_lowered, eval_lowered = trainer.lower_steps()
-  train_compiled = train_lowered.compile()
+  state = trainer.abstract_state
+  resident = {'params': per_chip_bytes(state.params), 'optimizer_state': per_chip_bytes(state.opt_state),
+              'batch': per_chip_bytes(jax.tree.map(
+                  lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainer.abstract_batch,
+                  trainer.batch_shardings))}
+  report = {
+      'topology': topology,
+      'chip': devices[0].device_kind,
+      'num_chips': len(devices),
+      'mesh': dict(mesh.shape),
+      'num_expert_replicas': sorted({moe.num_expert_replicas for moe in cli.moe_configs(model)}),
+      'batch_size': batch_size,
+      'task_feature_lengths': dict(lengths),
+      'parameters': sum(int(math.prod(x.shape)) for x in jax.tree.leaves(state.params)),
+      'hbm_bytes_per_chip': chip['hbm_gib'] * GIB,
+      'resident_bytes_per_chip': resident,
+      'largest_arrays_per_chip': largest_arrays({'params': state.params, 'opt_state': state.opt_state}),
+  }
+  try:
+    train_compiled = train_lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    temporaries = out_of_memory_temporaries(str(e))
+    if temporaries is None:
+      raise
+    # The TPU compiler refuses a program whose temporaries exceed HBM: the report is what is known then.
+    arguments = sum(resident.values())
+    report.update(fits=False, compiler_error=str(e).splitlines()[0],
+                  bytes_per_chip={'arguments': arguments, 'temporaries': temporaries,
+                                  'total': arguments + temporaries},
+                  compile_seconds={'train': round(time.time() - start, 1)})
+    report['verdict'] = verdict(report)
+    return report
   train_s = time.time() - start
   eval_compiled = eval_lowered.compile()
   eval_s = time.time() - start - train_s
@@ -344,25 +375,9 @@ def compile_report(topology: str, mesh_flag: Optional[str] = None, *, model: Any
   collectives = hlo_collectives(train_hlo)
   collective_bytes = sum(c['bytes_per_chip'] for c in collectives.values())
   model_flops = model_flops_per_step(model, lengths, batch_size)
-  state = trainer.abstract_state
-  resident = {'params': per_chip_bytes(state.params), 'optimizer_state': per_chip_bytes(state.opt_state),
-              'batch': per_chip_bytes(jax.tree.map(
-                  lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainer.abstract_batch,
-                  trainer.batch_shardings))}
-  report = {
-      'topology': topology,
-      'chip': devices[0].device_kind,
-      'num_chips': num_chips,
-      'mesh': dict(mesh.shape),
-      'num_expert_replicas': sorted({moe.num_expert_replicas for moe in cli.moe_configs(model)}),
-      'batch_size': batch_size,
-      'task_feature_lengths': dict(lengths),
-      'parameters': sum(int(math.prod(x.shape)) for x in jax.tree.leaves(state.params)),
+  report.update({
       'fits': mem['total'] <= hbm,
-      'hbm_bytes_per_chip': hbm,
       'bytes_per_chip': mem,
-      'resident_bytes_per_chip': resident,
-      'largest_arrays_per_chip': largest_arrays({'params': state.params, 'opt_state': state.opt_state}),
       'eval_bytes_per_chip': eval_mem,
       'flops_per_chip': train_cost['flops'],
       'flops_per_step': train_cost['flops'] * num_chips,
@@ -376,11 +391,20 @@ def compile_report(topology: str, mesh_flag: Optional[str] = None, *, model: Any
       'estimate': estimate(train_cost['flops'], train_cost['bytes_accessed'], collective_bytes,
                            model_flops['total'], num_chips, chip),
       'compile_seconds': {'train': round(train_s, 1), 'eval': round(eval_s, 1)},
-  }
+  })
   report['verdict'] = verdict(report)
   if keep_hlo:
     report['hlo'] = {'train': train_hlo, 'eval': eval_compiled.as_text()}
   return report
+
+
+def out_of_memory_temporaries(message: str) -> Optional[int]:
+  """Bytes of HLO temporaries from the TPU compiler's out-of-memory error ('... required for HLO temporaries
+  (32.29G) exceeds available HBM (30.75G)'), or None for another error."""
+  found = re.search(r'RESOURCE_EXHAUSTED.*?temporaries \(([\d.]+)([KMGT])\)', message, re.S)
+  if not found:
+    return None
+  return int(float(found.group(1)) * 1024 ** ('KMGT'.index(found.group(2)) + 1))
 
 
 def verdict(report: Mapping[str, Any]) -> str:
@@ -399,6 +423,15 @@ def verdict(report: Mapping[str, Any]) -> str:
 
 def format_report(r: Mapping[str, Any]) -> str:
   mem = r['bytes_per_chip']
+  if 'compiler_error' in r:  # the compiler stopped: no program, so no FLOPs, collectives or estimate
+    return '\n'.join([
+        f'topology {r["topology"]} ({r["chip"]}), {r["num_chips"]} chips, mesh {r["mesh"]}, '
+        f'{r["parameters"]:,} parameters',
+        f'the TPU compiler stopped: {r["compiler_error"]}',
+        f'memory per chip (train step): resident {mem["arguments"] / GIB:.3f} GiB + temporaries '
+        f'{mem["temporaries"] / GIB:.3f} GiB (the compiler\'s figure) = {mem["total"] / GIB:.3f} GiB of '
+        f'{r["hbm_bytes_per_chip"] / GIB:.0f} GiB',
+        r['verdict']])
   est = r['estimate']
   a = est['assumptions']
   lines = [

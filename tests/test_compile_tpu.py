@@ -265,3 +265,36 @@ def test_a_step_that_does_not_fit_exits_3_after_the_report(report, tmp_path, mon
   assert exit_info.value.code == compile_tpu.EXIT_DOES_NOT_FIT == 3
   assert 'DOES NOT FIT' in capsys.readouterr().out
   assert json.loads(out.read_text())['fits'] is False
+
+
+# The TPU compiler's own refusal, as libtpu 0.0.42 words it (st_moe_32b on v4:4x4x8, mesh 1×8×16).
+OOM = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (32.29G) '
+       'exceeds available HBM (30.75G).')
+
+
+def test_out_of_memory_temporaries_reads_the_compilers_figure():
+  assert compile_tpu.out_of_memory_temporaries(OOM) == int(32.29 * 2**30)
+  assert compile_tpu.out_of_memory_temporaries('INTERNAL: something else') is None
+
+
+def test_a_step_the_compiler_refuses_is_reported_as_not_fitting(tmp_path, monkeypatch, capsys):
+  """Where XLA itself stops (temporaries over HBM), the report still says by how much and what dominates."""
+  from st_moe_jax import trainer as trainer_lib
+
+  class Refused:
+    def compile(self):
+      raise jax.errors.JaxRuntimeError(OOM)
+
+  monkeypatch.setattr(trainer_lib.Trainer, 'lower_steps', lambda self: (Refused(), Refused()))
+  monkeypatch.chdir(REPO)
+  out = tmp_path / 'report.json'
+  with pytest.raises(SystemExit) as exit_info:
+    compile_tpu.main([*TINY, f'--topology={TOPOLOGY}', f'--mesh={MESH}', f'--json_out={out}'])
+  assert exit_info.value.code == 3
+  printed = capsys.readouterr().out
+  assert 'the TPU compiler stopped: RESOURCE_EXHAUSTED' in printed
+  data = json.loads(out.read_text())
+  assert data['fits'] is False and data['bytes_per_chip']['temporaries'] == int(32.29 * 2**30)
+  assert data['bytes_per_chip']['total'] == data['bytes_per_chip']['temporaries'] + sum(
+      data['resident_bytes_per_chip'].values())
+  assert data['verdict'].startswith('DOES NOT FIT') and 'temporaries 32.29 GiB' in data['verdict']
