@@ -8,6 +8,8 @@ with the data position, TensorBoard event files), then evaluated on a fixed slic
   dense_total_params  every FFN dense and as wide as the MoE's total FFN parameters allow (upper reference)
   switch_top1         Switch: top-1 tokens-choose, experts of width F, capacity factor 1.25 (eval 2.0)
   st_moe_top2         ST-MoE: top-2 tokens-choose, experts of width F/2, capacity factor 2.5 (eval 4.0)
+  st_moe_top2_renorm  the same with each token's two gates divided by their sum (GShard's / Mesh TF's top-2
+                      gating; flaxformer's default, above, uses the raw softmax probabilities)
   sparsemixer_v2      GRIN's SparseMixer-v2 top-2 (arXiv:2409.12136), experts of width F/2, dropless
   rmoe                RMoE (arXiv:2408.06793): ST-MoE top-2 with a GRU router shared through depth
   lory                Lory (arXiv:2405.03133): segment-routed merging of experts of width F
@@ -62,12 +64,14 @@ from st_moe_jax import partitioning  # noqa: E402
 from st_moe_jax import summaries  # noqa: E402
 from st_moe_jax import trainer as trainer_lib  # noqa: E402
 
-ROUTERS = ('dense', 'dense_total_params', 'switch_top1', 'st_moe_top2', 'sparsemixer_v2', 'rmoe', 'lory')
+ROUTERS = ('dense', 'dense_total_params', 'switch_top1', 'st_moe_top2', 'st_moe_top2_renorm', 'sparsemixer_v2',
+           'rmoe', 'lory')
 DESCRIPTIONS = {
     'dense': 'dense FFN, width F (FLOP-matched)',
     'dense_total_params': "dense FFN as wide as the MoE's total parameters",
     'switch_top1': 'Switch top-1, experts of width F, cf 1.25',
     'st_moe_top2': 'ST-MoE top-2, experts of width F/2, cf 2.5',
+    'st_moe_top2_renorm': 'ST-MoE top-2 with the two gates renormalised (GShard)',
     'sparsemixer_v2': 'SparseMixer-v2 top-2, width F/2, dropless',
     'rmoe': 'RMoE GRU router, top-2, width F/2, cf 2.5',
     'lory': 'Lory segment merging, experts of width F',
@@ -183,6 +187,7 @@ def build_model(router: str, c: StudyConfig) -> models.DecoderOnly:
       'switch_top1': lambda: (transformer(c.mlp_dim), moe(num_selected_experts=1, expert_mlp_dim=c.mlp_dim,
                                                           train_capacity_factor=1.25, eval_capacity_factor=2.0)),
       'st_moe_top2': lambda: (transformer(c.mlp_dim), moe()),
+      'st_moe_top2_renorm': lambda: (transformer(c.mlp_dim), moe(renormalize_combine_weights=True)),
       'sparsemixer_v2': lambda: (transformer(c.mlp_dim), moe(routing_method='sparsemixer', dropless=True)),
       'rmoe': lambda: (transformer(c.mlp_dim), moe(router='recurrent', recurrent_router_dim=128)),
       'lory': lambda: (transformer(c.mlp_dim), moe(moe_type='lory', expert_mlp_dim=c.mlp_dim,
@@ -527,6 +532,7 @@ def main(argv=None):
     if run is None:
       print('Stopped (SIGTERM); rerun the same command to continue.', file=sys.stderr)
       return
+    results = load_results(results_path, c)  # as it is now: another sitting may be adding runs too
     results['runs'][f'{router}/seed{seed}'] = run
     save_json(results_path, results)
     print(f'{router} seed {seed}: validation {run["val_bits_per_byte"]:.4f} ± {run["val_bits_per_byte_se"]:.4f} '
@@ -535,7 +541,9 @@ def main(argv=None):
   timed = set((results.get('timing') or {}).get('step_seconds', {}))
   if args.timing_rounds and studied and (todo or timed != set(studied)):
     print(f'timing {len(studied)} routers side by side...', file=sys.stderr, flush=True)
-    results['timing'] = time_steps(studied, c, mesh, args.timing_rounds, args.timing_steps)
+    timing = time_steps(studied, c, mesh, args.timing_rounds, args.timing_steps)
+    results = load_results(results_path, c)
+    results['timing'] = timing
     save_json(results_path, results)
   print(write_report(results, args))
   print(f'wrote {args.report_dir}/router_study.{{md,json}} and the plots', file=sys.stderr)

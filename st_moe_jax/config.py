@@ -48,6 +48,7 @@ MACROS = {'sparse_layout': 'ENCODER_SPARSE_LAYOUT / DECODER_SPARSE_LAYOUT', 'moe
           'train_capacity_factor': 'TRAIN_EXPERT_CAPACITY_FACTOR',
           'eval_capacity_factor': 'EVAL_EXPERT_CAPACITY_FACTOR', 'jitter_noise': 'JITTER_NOISE',
           'expert_dropout_rate': 'EXPERT_DROPOUT_RATE',
+          'renormalize_combine_weights': 'RENORMALIZE_COMBINE_WEIGHTS',
           'num_sparse_layers': 'NUM_ENCODER_SPARSE_LAYERS / NUM_DECODER_SPARSE_LAYERS'}
 
 
@@ -145,6 +146,9 @@ class MoeConfig:
       SparseMixer-v2: top-k sampled in training, argmax in evaluation; its multipliers are the combine
       weights, not renormalised).
     num_selected_experts: k: 1 for Switch, 2 for ST-MoE [NUM_SELECTED_EXPERTS].
+    renormalize_combine_weights: tokens_choose with k >= 2: a token's k combine weights are its top-k
+      probabilities divided by their sum (GShard's / Mesh TensorFlow's top-2 gating, arXiv:2006.16668
+      Alg. 1), instead of the raw softmax probabilities (flaxformer's default) [RENORMALIZE_COMBINE_WEIGHTS].
     batch_prioritized_routing: BPR for tokens_choose and sparsemixer (encoder only).
     sparsemixer_eps: SparseMixer's mask threshold (GRIN's router_jitter_noise, 0.01).
     train_capacity_factor / eval_capacity_factor: cf in training / evaluation
@@ -191,6 +195,7 @@ class MoeConfig:
   routing_method: str = 'tokens_choose'
   num_selected_experts: int = 2
   batch_prioritized_routing: bool = False
+  renormalize_combine_weights: bool = False
   sparsemixer_eps: float = 0.01
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
@@ -240,6 +245,13 @@ class MoeConfig:
     for name in ('jitter_noise', 'expert_dropout_rate'):
       if not 0 <= getattr(self, name) < 1:
         raise ConfigError(f'MoeConfig.{name} must be in [0, 1), got {getattr(self, name)}{_gin(name)}.')
+    if self.renormalize_combine_weights and (self.routing_method != 'tokens_choose'
+                                             or self.num_selected_experts < 2):
+      raise ConfigError(
+          'MoeConfig.renormalize_combine_weights needs routing_method="tokens_choose" with '
+          f'num_selected_experts >= 2, got {self.routing_method!r} with k={self.num_selected_experts}: with k=1 '
+          'every weight would be 1 and the router would get no gradient from the loss '
+          '(gin: RENORMALIZE_COMBINE_WEIGHTS = False).')
     if self.dropless and self.routing_method == 'experts_choose':
       raise ConfigError('MoeConfig.dropless needs routing_method="tokens_choose" or "sparsemixer": '
                        'experts-choose has no per-token choices to keep.')

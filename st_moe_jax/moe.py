@@ -180,7 +180,8 @@ def route(logits: Array, real: Array, config: MoeConfig, *, capacity: int,
   Args:
     logits: <float32>[G, T, E].
     real: <float32>[G, T], 1 for real tokens (padding is never routed and not in the loss).
-    config: routing_method, num_selected_experts, batch_prioritized_routing, sparsemixer_eps, dropless.
+    config: routing_method, num_selected_experts, batch_prioritized_routing, renormalize_combine_weights,
+      sparsemixer_eps, dropless.
     capacity: C per expert and group (unused when dropless).
     rng: SparseMixer's sampling key in training; None evaluates (argmax).
   """
@@ -191,14 +192,17 @@ def route(logits: Array, real: Array, config: MoeConfig, *, capacity: int,
     return Route(None, None, slots, jnp.zeros((), jnp.float32))
   k, num_experts = config.num_selected_experts, config.num_experts
   if config.routing_method == 'tokens_choose':
-    weights, expert_index = _top_k(probs, k)  # ties -> lower expert index
+    top_probs, expert_index = _top_k(probs, k)  # ties -> lower expert index
     aux_loss = routing.load_balancing_loss(probs, expert_index, real)
+    weights = (routing.renormalize(top_probs) if config.renormalize_combine_weights else top_probs)
+    confidence = top_probs[..., 0]  # BPR's order: the raw top-1 probability
   else:  # sparsemixer
     expert_index, weights = routing.sparsemixer(logits, num_selected_experts=k,
                                                 jitter_eps=config.sparsemixer_eps, rng=rng)
     # GRIN's balance loss counts the deterministic top-k of the full softmax, not the samples, and over
     # the whole batch ("global"), not per group: one group of G·T tokens.
     top_index = _top_k(probs, k)[1]
+    confidence = weights[..., 0]
     aux_loss = routing.load_balancing_loss(probs.reshape(1, -1, num_experts), top_index.reshape(1, -1, k),
                                            real.reshape(1, -1))
   slots = None
@@ -207,7 +211,7 @@ def route(logits: Array, real: Array, config: MoeConfig, *, capacity: int,
     # inputs are sharded over 'batch'), while the manual version costs 5x the bytes accessed on TPU.
     slots = routing.assign_slots(
         expert_index, weights, num_experts=num_experts, expert_capacity=capacity,
-        priority=weights[..., 0] if config.batch_prioritized_routing else None, padding_mask=real)
+        priority=confidence if config.batch_prioritized_routing else None, padding_mask=real)
   return Route(expert_index, weights, slots, aux_loss)
 
 

@@ -159,6 +159,12 @@ def _slot_within_expert(keys: Array, num_keys: int) -> Array:
   return jax.vmap(lambda k: rank_within_key(k, num_keys))(keys)
 
 
+def renormalize(top_probs: Array) -> Array:
+  """<float32>[..., k]: each token's top-k probabilities divided by their sum, GShard's top-2 gating
+  (arXiv:2006.16668, Alg. 1: g1 / (g1 + g2 + ε), ε = 1e-9), for any k."""
+  return top_probs / (jnp.sum(top_probs, axis=-1, keepdims=True) + 1e-9)
+
+
 def tokens_choose(router_probs: Array, *, num_selected_experts: int, expert_capacity: int,
                   batch_prioritized: bool = False, padding_mask: Optional[Array] = None) -> Routing:
   """Each token picks its top-k experts; each expert keeps at most C of the choices sent to it.

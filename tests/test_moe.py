@@ -97,8 +97,9 @@ def test_parameter_names_shapes_and_logical_axes(variables):
   assert set(nn.unbox(relu)['params']['expert']) == {'wi', 'wo'}
 
 
-def _reference_layer_output(params, x, k):
-  """Direct computation for a layer with no dropped tokens: y_t = Σ_{e in top-k(t)} p_te · expert_e(x_t)."""
+def _reference_layer_output(params, x, k, renormalize=False):
+  """Direct computation for a layer with no dropped tokens: y_t = Σ_{e in top-k(t)} w_te · expert_e(x_t),
+  w = p (flaxformer) or, renormalized, p_te / Σ_{top-k} p (GShard's top-2 gating)."""
   params = nn.unbox(params)
   w_router = np.asarray(params['router']['router_weights']['w']['kernel'], np.float64)
   wi0, wi1, wo = (np.asarray(params['expert'][n]['kernel'], np.float64) for n in ('wi_0', 'wi_1', 'wo'))
@@ -109,8 +110,10 @@ def _reference_layer_output(params, x, k):
   gelu = lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
   out = np.zeros_like(tokens)
   for t, tok in enumerate(tokens):
-    for e in np.argsort(-probs[t], kind='stable')[:k]:
-      out[t] += probs[t, e] * ((gelu(tok @ wi0[e]) * (tok @ wi1[e])) @ wo[e])
+    chosen = np.argsort(-probs[t], kind='stable')[:k]
+    total = probs[t, chosen].sum() if renormalize else 1.0
+    for e in chosen:
+      out[t] += probs[t, e] / total * ((gelu(tok @ wi0[e]) * (tok @ wi1[e])) @ wo[e])
   return out.reshape(x.shape)
 
 
@@ -121,6 +124,16 @@ def test_layer_matches_direct_computation_without_drops(variables, inputs, metho
   assert float(state['intermediates']['fraction_tokens_left_behind'][0]) == 0.0
   np.testing.assert_allclose(y, _reference_layer_output(variables['params'], inputs, k=2),
                              rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize('method', ['gather', 'einsum'])
+def test_renormalized_combine_weights_match_gshard_gating(variables, inputs, method):
+  layer = _layer(dispatch_method=method, eval_capacity_factor=float(E), renormalize_combine_weights=True)
+  y, _ = _apply(layer, variables, inputs)
+  np.testing.assert_allclose(y, _reference_layer_output(variables['params'], inputs, k=2, renormalize=True),
+                             rtol=2e-5, atol=2e-6)
+  plain, _ = _apply(_layer(dispatch_method=method, eval_capacity_factor=float(E)), variables, inputs)
+  assert np.max(np.abs(np.asarray(y) - np.asarray(plain))) > 1e-3  # E = 4: top-2 weights sum to < 1
 
 
 @pytest.mark.parametrize('enable_dropout', [False, True])
@@ -282,6 +295,10 @@ def test_bfloat16_experts_keep_a_float32_router(variables, inputs):
     (dict(routing_method='random'), ValueError, 'routing_method'),
     (dict(dispatch_method='scatter'), ValueError, 'dispatch_method'),
     (dict(strict_group_size=True, group_size=5), ValueError, 'strict_group_size'),
+    (dict(renormalize_combine_weights=True, num_selected_experts=1), ValueError,
+     r'renormalize_combine_weights needs .* k=1 .*RENORMALIZE_COMBINE_WEIGHTS'),
+    (dict(renormalize_combine_weights=True, routing_method='experts_choose'), ValueError,
+     'renormalize_combine_weights'),
 ])
 def test_bad_configuration_gets_a_clear_error(overrides, error, match):
   with pytest.raises(error, match=match):
