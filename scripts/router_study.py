@@ -8,7 +8,7 @@ with the data position, TensorBoard event files), then evaluated on a fixed slic
   dense_total_params  every FFN dense and as wide as the MoE's total FFN parameters allow (upper reference)
   switch_top1         Switch: top-1 tokens-choose, experts of width F, capacity factor 1.25 (eval 2.0)
   st_moe_top2         ST-MoE: top-2 tokens-choose, experts of width F/2, capacity factor 2.5 (eval 4.0)
-  st_moe_top2_renorm  the same with each token's two gates divided by their sum (GShard's / Mesh TF's top-2
+  st_moe_top2_renorm  the same with each token's two gates divided by their sum (GShard's top-2
                       gating; flaxformer's default, above, uses the raw softmax probabilities)
   sparsemixer_v2      GRIN's SparseMixer-v2 top-2 (arXiv:2409.12136), experts of width F/2, dropless
   rmoe                RMoE (arXiv:2408.06793): ST-MoE top-2 with a GRU router shared through depth

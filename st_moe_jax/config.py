@@ -147,8 +147,7 @@ class MoeConfig:
       weights, not renormalised).
     num_selected_experts: k: 1 for Switch, 2 for ST-MoE [NUM_SELECTED_EXPERTS].
     renormalize_combine_weights: tokens_choose with k >= 2: a token's k combine weights are its top-k
-      probabilities divided by their sum (GShard's / Mesh TensorFlow's top-2 gating, arXiv:2006.16668
-      Alg. 1), instead of the raw softmax probabilities (flaxformer's default) [RENORMALIZE_COMBINE_WEIGHTS].
+      probabilities divided by their sum (GShard's top-2 gating, arXiv:2006.16668 Alg. 1), instead of the raw softmax probabilities (flaxformer's default) [RENORMALIZE_COMBINE_WEIGHTS].
     batch_prioritized_routing: BPR for tokens_choose and sparsemixer (encoder only).
     sparsemixer_eps: SparseMixer's mask threshold (GRIN's router_jitter_noise, 0.01).
     train_capacity_factor / eval_capacity_factor: cf in training / evaluation
