@@ -212,10 +212,6 @@ def dataset(c: StudyConfig, split: str, seed: int):
 # ---------------------------------------------------------------------------------------------------------
 # The results file: one configuration, runs added as they finish.
 
-class StudyConfigMismatch(SystemExit):
-  pass
-
-
 def load_results(path: str, config: StudyConfig) -> dict:
   if not os.path.exists(path):
     return {'config': dataclasses.asdict(config), 'runs': {}, 'timing': None, 'commands': []}
@@ -225,7 +221,7 @@ def load_results(path: str, config: StudyConfig) -> dict:
   if saved != current:
     diff = ', '.join(f'{k}: {saved.get(k)} there, {current.get(k)} here'
                      for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k))
-    raise StudyConfigMismatch(
+    raise SystemExit(
         f'error: {path} holds results made with other settings ({diff}); one study file holds one '
         'configuration: rerun with the same settings (--preset and overrides) or give another --out_dir.')
   return results

@@ -366,17 +366,16 @@ def compile_report(topology: str, mesh_flag: Optional[str] = None, *, model: Any
   train_s = time.time() - start
   eval_compiled = eval_lowered.compile()
   eval_s = time.time() - start - train_s
-  num_chips = len(devices)
-  hbm = chip['hbm_gib'] * GIB
+  num_chips = report['num_chips']
   mem = memory(train_compiled)
   eval_mem = memory(eval_compiled)
   train_cost = cost(train_compiled)
-  train_hlo = train_compiled.as_text()
+  train_hlo, eval_hlo = train_compiled.as_text(), eval_compiled.as_text()
   collectives = hlo_collectives(train_hlo)
   collective_bytes = sum(c['bytes_per_chip'] for c in collectives.values())
   model_flops = model_flops_per_step(model, lengths, batch_size)
   report.update({
-      'fits': mem['total'] <= hbm,
+      'fits': mem['total'] <= report['hbm_bytes_per_chip'],
       'bytes_per_chip': mem,
       'eval_bytes_per_chip': eval_mem,
       'flops_per_chip': train_cost['flops'],
@@ -387,14 +386,14 @@ def compile_report(topology: str, mesh_flag: Optional[str] = None, *, model: Any
       'model_flops_per_token': model_flops['total'] / (batch_size * sum(lengths[k] for k in needed)),
       'model_flops_breakdown': model_flops,
       'collectives': collectives,
-      'eval_collectives': hlo_collectives(eval_compiled.as_text()),
+      'eval_collectives': hlo_collectives(eval_hlo),
       'estimate': estimate(train_cost['flops'], train_cost['bytes_accessed'], collective_bytes,
                            model_flops['total'], num_chips, chip),
       'compile_seconds': {'train': round(train_s, 1), 'eval': round(eval_s, 1)},
   })
   report['verdict'] = verdict(report)
   if keep_hlo:
-    report['hlo'] = {'train': train_hlo, 'eval': eval_compiled.as_text()}
+    report['hlo'] = {'train': train_hlo, 'eval': eval_hlo}
   return report
 
 

@@ -147,7 +147,8 @@ class MoeConfig:
       weights, not renormalised).
     num_selected_experts: k: 1 for Switch, 2 for ST-MoE [NUM_SELECTED_EXPERTS].
     renormalize_combine_weights: tokens_choose with k >= 2: a token's k combine weights are its top-k
-      probabilities divided by their sum (GShard's top-2 gating, arXiv:2006.16668 Alg. 1), instead of the raw softmax probabilities (flaxformer's default) [RENORMALIZE_COMBINE_WEIGHTS].
+      probabilities divided by their sum (GShard's top-2 gating, arXiv:2006.16668 Alg. 1), instead of the
+      raw softmax probabilities (flaxformer's default) [RENORMALIZE_COMBINE_WEIGHTS].
     batch_prioritized_routing: BPR for tokens_choose and sparsemixer (encoder only).
     sparsemixer_eps: SparseMixer's mask threshold (GRIN's router_jitter_noise, 0.01).
     train_capacity_factor / eval_capacity_factor: cf in training / evaluation
@@ -246,10 +247,12 @@ class MoeConfig:
         raise ConfigError(f'MoeConfig.{name} must be in [0, 1), got {getattr(self, name)}{_gin(name)}.')
     if self.renormalize_combine_weights and (self.routing_method != 'tokens_choose'
                                              or self.num_selected_experts < 2):
+      why = ('with k=1 every weight would be 1 and the router would get no gradient from the loss'
+             if self.routing_method == 'tokens_choose' else
+             f'{self.routing_method} has its own combine weights')
       raise ConfigError(
           'MoeConfig.renormalize_combine_weights needs routing_method="tokens_choose" with '
-          f'num_selected_experts >= 2, got {self.routing_method!r} with k={self.num_selected_experts}: with k=1 '
-          'every weight would be 1 and the router would get no gradient from the loss '
+          f'num_selected_experts >= 2, got {self.routing_method!r} with k={self.num_selected_experts}: {why} '
           '(gin: RENORMALIZE_COMBINE_WEIGHTS = False).')
     if self.dropless and self.routing_method == 'experts_choose':
       raise ConfigError('MoeConfig.dropless needs routing_method="tokens_choose" or "sparsemixer": '
