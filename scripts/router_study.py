@@ -42,6 +42,7 @@ tokens dropped, router z-loss, auxiliary loss and router confidence over trainin
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -102,17 +103,21 @@ class StudyConfig:
   warmup_steps: int
   checkpoint_every: int
   segment_length: int   # Lory's T
+  routing_groups: int   # routing groups per batch (MoeConfig.group_multiple): 1 = the whole batch, as one
+                        # device's tokens are on a pod; flaxformer's default (G a multiple of E) would make
+                        # every 128-token sequence its own group, where bursts of alike bytes overflow C
+  expert_learning_rate_scale: float  # the experts' learning rate ÷ everyone else's (optim.scale_by_path)
 
 
 PRESETS = {
     'study': StudyConfig(d_model=256, num_heads=4, head_dim=64, num_layers=4, num_sparse=2, num_experts=16,
                          mlp_dim=512, steps=1200, batch=16, length=128, eval_every=200, eval_batches=16,
                          final_eval_batches=256, learning_rate=1.0, warmup_steps=100, checkpoint_every=200,
-                         segment_length=32),
+                         segment_length=32, routing_groups=1, expert_learning_rate_scale=0.1),
     'quick': StudyConfig(d_model=32, num_heads=2, head_dim=16, num_layers=2, num_sparse=1, num_experts=4,
                          mlp_dim=64, steps=8, batch=4, length=32, eval_every=4, eval_batches=2,
                          final_eval_batches=3, learning_rate=1.0, warmup_steps=10, checkpoint_every=4,
-                         segment_length=8),
+                         segment_length=8, routing_groups=1, expert_learning_rate_scale=0.1),
 }
 
 
@@ -175,7 +180,7 @@ def build_model(router: str, c: StudyConfig) -> models.DecoderOnly:
 
   def moe(**kwargs):
     base = dict(num_sparse_layers=c.num_sparse, sparse_layout='MIXED', num_experts=c.num_experts,
-                group_size=4096)
+                group_size=c.batch * c.length, group_multiple=c.routing_groups)
     if kwargs.get('moe_type') != 'lory':  # Lory merges experts: it takes no top-k or capacity
       base.update(num_selected_experts=2, expert_mlp_dim=c.mlp_dim // 2, train_capacity_factor=2.5,
                   eval_capacity_factor=4.0)
@@ -198,8 +203,12 @@ def build_model(router: str, c: StudyConfig) -> models.DecoderOnly:
 
 def make_trainer(router: str, c: StudyConfig, seed: int, mesh) -> trainer_lib.Trainer:
   schedule = optim.create_learning_rate_scheduler('constant * rsqrt_decay', c.learning_rate, c.warmup_steps)
-  return trainer_lib.Trainer(build_model(router, c), optim.adafactor, schedule, mesh,
-                             model_kind=data_lib.DECODER_ONLY, seed=seed)
+  model = build_model(router, c)
+  scales = ({optim.EXPERT_PARAM_PATTERN: c.expert_learning_rate_scale}
+            if model.moe is not None and c.expert_learning_rate_scale != 1.0 else None)
+  make_optimizer = functools.partial(optim.adafactor, learning_rate_scales=scales)
+  return trainer_lib.Trainer(model, make_optimizer, schedule, mesh, model_kind=data_lib.DECODER_ONLY,
+                             seed=seed)
 
 
 def dataset(c: StudyConfig, split: str, seed: int):
@@ -472,7 +481,9 @@ def write_report(results: dict, args) -> str:
       f'of which {c.num_sparse} sparse (MIXED), {c.num_experts} experts, F = {c.mlp_dim} (dense_total_params: '
       f'{dense_total_width(c)}), GEGLU, float32, byte vocabulary. Training: {c.steps} steps × {c.batch} rows × '
       f'{c.length} tokens ({tokens:,} token positions per run), Adafactor, rsqrt schedule (base '
-      f'{c.learning_rate}, constant for the first {c.warmup_steps} steps), aux loss 0.01, router z-loss 1e-3. '
+      f'{c.learning_rate}, constant for the first {c.warmup_steps} steps), experts at '
+      f'{c.expert_learning_rate_scale}× that rate, {c.routing_groups} routing group(s) per batch, aux loss '
+      f'0.01, router z-loss 1e-3. '
       f'Final validation: the first {c.final_eval_batches} batches of the validation split '
       f'({c.final_eval_batches * c.batch * c.length:,} token positions, the same for every run); during training '
       f'{c.eval_batches} batches every {c.eval_every} steps.')

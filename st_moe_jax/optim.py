@@ -6,6 +6,7 @@ Semantics are `docs/routing.md` §9. The optimizer reads top to bottom:
   clip_by_block_rms          u ← u / max(1, RMS(u))
   scale_by_param_block_rms   u ← u · max(RMS(param), 1e-3)
   scale_by_learning_rate     u ← −lr · u
+  [scale_by_path]            optional learning rate per parameter group (e.g. experts at 0.3×)
   [ema]                      optional momentum on the step, as t5x's beta1
 
 Which axes are factored, and which are batch axes, comes from the parameters' logical axis names, as t5x's
@@ -25,11 +26,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from st_moe_jax.config import ConfigError
+
 Array = jax.Array
 PyTree = Any
 
 # Parameters ST-MoE keeps frozen when fine-tuning (§4.2 of the paper): experts and routers.
-MOE_PARAM_PATTERNS = (r'(^|/)expert/', r'(^|/)router/')
+EXPERT_PARAM_PATTERN = r'(^|/)expert/'
+MOE_PARAM_PATTERNS = (EXPERT_PARAM_PATTERN, r'(^|/)router/')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,7 +349,8 @@ def adafactor(learning_rate: optax.ScalarOrSchedule, rules: FactorRules = None, 
               decay_rate: float = 0.8, step_offset: int = 0, min_dim_size_to_factor: int = 128,
               epsilon1: float = 1e-30, clipping_threshold: Optional[float] = 1.0,
               multiply_by_parameter_scale: bool = True, epsilon2: float = 1e-3,
-              momentum: Optional[float] = None) -> optax.GradientTransformation:
+              momentum: Optional[float] = None,
+              learning_rate_scales: Optional[Mapping[str, float]] = None) -> optax.GradientTransformation:
   """Adafactor with t5x's defaults (docs/routing.md §9).
 
   Args:
@@ -357,6 +362,8 @@ def adafactor(learning_rate: optax.ScalarOrSchedule, rules: FactorRules = None, 
     clipping_threshold: update clipping at this RMS; None disables it.
     multiply_by_parameter_scale: step ∝ max(RMS(param), epsilon2) (relative step size).
     momentum: t5x's beta1; None (default) keeps no first moment.
+    learning_rate_scales: {path regex: factor}, a learning rate per parameter group (`scale_by_path`), e.g.
+      {EXPERT_PARAM_PATTERN: 0.3}; None (t5x) gives every parameter the same rate.
   """
   txs = [scale_by_factored_rms(rules, decay_rate=decay_rate, step_offset=step_offset, epsilon1=epsilon1,
                                min_dim_size_to_factor=min_dim_size_to_factor)]
@@ -365,6 +372,8 @@ def adafactor(learning_rate: optax.ScalarOrSchedule, rules: FactorRules = None, 
   if multiply_by_parameter_scale:
     txs.append(scale_by_param_block_rms(epsilon2, rules))
   txs.append(optax.scale_by_learning_rate(learning_rate))
+  if learning_rate_scales:
+    txs.append(scale_by_path(learning_rate_scales))
   if momentum is not None:
     # Momentum on the whole step (lr included), as t5x: m ← β₁m + (1 − β₁)·step.
     txs.append(optax.ema(momentum, debias=False))
@@ -433,6 +442,43 @@ def param_paths(params: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(lambda path, _: '/'.join(_key_name(k) for k in path), params)
 
 
+def _checked_patterns(patterns: Sequence[str], params: PyTree, what: str) -> tuple[list, list[str]]:
+  compiled = [re.compile(p) for p in patterns]
+  paths = jax.tree.leaves(param_paths(params))
+  for pattern in compiled:
+    if not any(pattern.search(path) for path in paths):
+      raise ConfigError(f'{what} pattern {pattern.pattern!r} matches no parameter; parameter paths look '
+                       f'like {paths[:3]}. Fix the pattern (it is matched with re.search on the path).')
+  return compiled, paths
+
+
+def scale_by_path(scales: Mapping[str, float]) -> optax.GradientTransformation:
+  """u ← u · factor for parameters whose path matches a pattern of `scales` ({regex: factor}, re.search, the
+  first matching pattern wins; others keep factor 1). After scale_by_learning_rate this is a learning rate
+  per parameter group: e.g. {EXPERT_PARAM_PATTERN: 0.3} trains the experts at 0.3× the schedule.
+
+  Raises (at init): ValueError if a pattern matches no parameter, or a factor is negative.
+  """
+  scales = dict(scales)
+  for pattern, factor in scales.items():
+    if not factor >= 0:
+      raise ConfigError(f'learning_rate_scales[{pattern!r}] = {factor}: a factor must be >= 0.')
+
+  def factors(tree):
+    compiled = [(re.compile(p), f) for p, f in scales.items()]
+    return jax.tree.map(lambda path: next((f for p, f in compiled if p.search(path)), 1.0), param_paths(tree))
+
+  def init_fn(params):
+    _checked_patterns(list(scales), params, 'learning_rate_scales')
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, f: u if f == 1.0 else u * jnp.asarray(f, u.dtype), updates,
+                        factors(updates)), state
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def freeze(tx: optax.GradientTransformation,
            patterns: Sequence[str] = MOE_PARAM_PATTERNS) -> optax.GradientTransformation:
   """Applies `tx` only to parameters whose path matches none of `patterns` (re.search); the rest get zero
@@ -445,14 +491,9 @@ def freeze(tx: optax.GradientTransformation,
   patterns = tuple(patterns)
   if not patterns:
     return tx
-  compiled = [re.compile(p) for p in patterns]
 
   def labels(params):
-    paths = jax.tree.leaves(param_paths(params))
-    for pattern in compiled:
-      if not any(pattern.search(path) for path in paths):
-        raise ValueError(f'Freeze pattern {pattern.pattern!r} matches no parameter; parameter paths look '
-                         f'like {paths[:3]}. Fix the pattern (it is matched with re.search on the path).')
+    compiled, _ = _checked_patterns(patterns, params, 'Freeze')
     return jax.tree.map(lambda path: 'frozen' if any(p.search(path) for p in compiled) else 'trained',
                         param_paths(params))
 

@@ -52,6 +52,8 @@ def test_misspelt_parameter_shows_gin_message_and_file(tmp_path, cli_error):
     (["--gin.DECODER_SPARSE_LAYOUT='SOMETIMES'"], 'MoeConfig.sparse_layout must be one of'),
     (['--gin_file=gin/routers/lory.gin', '--gin.JITTER_NOISE=0.1'], 'ignores jitter_noise=0.1'),
     (['--gin.NUM_DECODER_SPARSE_LAYERS=5'], 'moe: num_sparse_layers=5 does not fit a stack of 2 layers'),
+    (["--gin.LEARNING_RATE_SCALES={'(^|/)experts/': 0.3}"],
+     "learning_rate_scales pattern '(^|/)experts/' matches no parameter"),
 ])
 def test_bad_model_settings_are_one_line_errors(tmp_path, cli_error, extra, expected):
   """MoeConfig / model checks raised inside gin's configurable calls reach the user as one line."""

@@ -375,3 +375,25 @@ def test_freeze_leaves_frozen_params_bit_identical():
                          new['encoder']['layers_1']['attention']['query'])
   with pytest.raises(ValueError, match='matches no parameter'):
     optim.freeze(optim.adafactor(0.1), [r'decoder/']).init(params)
+
+
+def test_learning_rate_scales_scale_only_the_matching_group():
+  """learning_rate_scales={expert: 0.25}: an expert's step is exactly 0.25× the unscaled optimizer's from the
+  same parameters and statistics, every other step is unchanged, with or without momentum."""
+  params = {'decoder': {'mlp': {'expert': {'wi': jnp.asarray(PARAMS['expert'])},
+                                'router': {'w': jnp.asarray(PARAMS['dense'])}}}}
+  grads = [jax.tree.map(lambda p: jnp.sin(p * 3.0), params)]
+  rules = jax.tree.map(lambda p: optim.FactorRule((0,) if p.ndim == 3 else ()), params)
+  for momentum in (None, 0.9):
+    make = functools.partial(optim.adafactor, 0.1, rules, min_dim_size_to_factor=2, momentum=momentum)
+    plain, _ = _run(make(), params, grads)
+    scaled, _ = _run(make(learning_rate_scales={optim.EXPERT_PARAM_PATTERN: 0.25}), params, grads)
+    step = lambda new, name: np.asarray(new['decoder']['mlp'][name]['wi' if name == 'expert' else 'w']) - \
+        np.asarray(params['decoder']['mlp'][name]['wi' if name == 'expert' else 'w'])
+    assert np.abs(step(plain, 'expert')).max() > 0
+    np.testing.assert_allclose(step(scaled, 'expert'), 0.25 * step(plain, 'expert'), rtol=1e-5, atol=2e-7)  # float32 p + u - p
+    np.testing.assert_array_equal(step(scaled, 'router'), step(plain, 'router'))
+  with pytest.raises(ValueError, match="learning_rate_scales pattern 'encoder/' matches no parameter"):
+    optim.adafactor(0.1, learning_rate_scales={'encoder/': 0.5}).init(params)
+  with pytest.raises(ValueError, match='must be >= 0'):
+    optim.adafactor(0.1, learning_rate_scales={'expert/': -1.0})

@@ -100,3 +100,18 @@ def test_unknown_router_is_refused():
   result = subprocess.run([sys.executable, 'scripts/router_study.py', '--routers', 'dense,top3'], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 2 and "unknown --routers ['top3']" in result.stderr
+
+
+def test_only_the_moe_models_train_their_experts_at_the_scaled_rate():
+  sys.path.insert(0, os.path.join(REPO, 'scripts'))
+  import jax
+  import router_study
+  from st_moe_jax import optim, partitioning
+  c = router_study.PRESETS['quick']
+  mesh = partitioning.create_mesh(jax.devices()[:1])
+  scales = lambda router: router_study.make_trainer(router, c, 0, mesh).make_optimizer.keywords[
+      'learning_rate_scales']
+  assert scales('st_moe_top2') == {optim.EXPERT_PARAM_PATTERN: c.expert_learning_rate_scale} != {}
+  assert scales('dense') is None  # a dense model has no expert to match: scale_by_path would refuse it
+  moe = router_study.build_model('st_moe_top2', c).moe
+  assert moe.group_multiple == c.routing_groups == 1 and moe.group_size == c.batch * c.length
