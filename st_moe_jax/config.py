@@ -162,7 +162,7 @@ class MoeConfig:
     strict_group_size: raise instead of choosing a smaller group size or padding.
     num_expert_replicas: devices ÷ (expert partitions × model partitions) [NUM_EXPERT_REPLICAS].
     group_multiple: the number of groups is a multiple of this; None = E × num_expert_replicas
-      (flaxformer's rule); 1 lets a small batch form one group.
+      (flaxformer's rule); 1 lets a small batch form one group [GROUP_MULTIPLE].
 
   Dispatch:
     dispatch_method: 'gather' (fast) or 'einsum' (exact one-hot reference) [DISPATCH_METHOD].
