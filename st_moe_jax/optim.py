@@ -442,14 +442,13 @@ def param_paths(params: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(lambda path, _: '/'.join(_key_name(k) for k in path), params)
 
 
-def _checked_patterns(patterns: Sequence[str], params: PyTree, what: str) -> tuple[list, list[str]]:
-  compiled = [re.compile(p) for p in patterns]
+def _check_patterns_match(compiled: Sequence[re.Pattern], params: PyTree, what: str) -> None:
+  """ConfigError naming the first pattern that matches no parameter path (most likely a misspelling)."""
   paths = jax.tree.leaves(param_paths(params))
   for pattern in compiled:
     if not any(pattern.search(path) for path in paths):
       raise ConfigError(f'{what} pattern {pattern.pattern!r} matches no parameter; parameter paths look '
                        f'like {paths[:3]}. Fix the pattern (it is matched with re.search on the path).')
-  return compiled, paths
 
 
 def scale_by_path(scales: Mapping[str, float]) -> optax.GradientTransformation:
@@ -457,19 +456,18 @@ def scale_by_path(scales: Mapping[str, float]) -> optax.GradientTransformation:
   first matching pattern wins; others keep factor 1). After scale_by_learning_rate this is a learning rate
   per parameter group: e.g. {EXPERT_PARAM_PATTERN: 0.3} trains the experts at 0.3× the schedule.
 
-  Raises (at init): ValueError if a pattern matches no parameter, or a factor is negative.
+  Raises ConfigError (a ValueError): here for a negative factor, at init for a pattern matching no parameter.
   """
-  scales = dict(scales)
   for pattern, factor in scales.items():
     if not factor >= 0:
       raise ConfigError(f'learning_rate_scales[{pattern!r}] = {factor}: a factor must be >= 0.')
+  compiled = [(re.compile(p), f) for p, f in scales.items()]
 
   def factors(tree):
-    compiled = [(re.compile(p), f) for p, f in scales.items()]
     return jax.tree.map(lambda path: next((f for p, f in compiled if p.search(path)), 1.0), param_paths(tree))
 
   def init_fn(params):
-    _checked_patterns(list(scales), params, 'learning_rate_scales')
+    _check_patterns_match([p for p, _ in compiled], params, 'learning_rate_scales')
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
@@ -491,9 +489,10 @@ def freeze(tx: optax.GradientTransformation,
   patterns = tuple(patterns)
   if not patterns:
     return tx
+  compiled = [re.compile(p) for p in patterns]
 
   def labels(params):
-    compiled, _ = _checked_patterns(patterns, params, 'Freeze')
+    _check_patterns_match(compiled, params, 'Freeze')
     return jax.tree.map(lambda path: 'frozen' if any(p.search(path) for p in compiled) else 'trained',
                         param_paths(params))
 
