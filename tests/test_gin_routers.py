@@ -43,3 +43,11 @@ def test_dropless_settings_are_reachable_from_gin():
   model = gin_setup.architecture()
   for moe in (model.encoder_moe, model.decoder_moe):
     assert (moe.dropless, moe.dropless_tile_size, moe.grouped_matmul_method) == (True, 8, 'tiled')
+
+
+def test_group_multiple_is_reachable_from_gin():
+  _, stacks = _stacks([TINY])
+  assert all(m.group_multiple is None for m in stacks)  # flaxformer's rule by default
+  gin_setup.parse_model_gin([TINY], ['GROUP_MULTIPLE = 1'])
+  model = gin_setup.architecture()
+  assert [m.group_multiple for m in (model.encoder_moe, model.decoder_moe)] == [1, 1]
