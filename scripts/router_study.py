@@ -1,7 +1,7 @@
 """Router study: does a sparse model beat a dense one of equal activated compute, and which router is best?
 
 Decoder-only byte-level language models on the embedded corpus (`stdlib_lm`), one per router and seed,
-each trained by the project's own loop (trainer.fit: Adafactor, rsqrt schedule, z-losses, orbax checkpoints
+each trained by the project's own loop (trainer.fit: Adafactor, rsqrt schedule decaying linearly to zero, z-losses, orbax checkpoints
 with the data position, TensorBoard event files), then evaluated on a fixed slice of the validation split.
 
   dense               every FFN dense, width F (the FLOP-matched baseline)
@@ -107,17 +107,21 @@ class StudyConfig:
                         # device's tokens are on a pod; flaxformer's default (G a multiple of E) would make
                         # every 128-token sequence its own group, where bursts of alike bytes overflow C
   expert_learning_rate_scale: float  # the experts' learning rate ÷ everyone else's (optim.scale_by_path)
+  learning_rate_factors: str  # optim.create_learning_rate_scheduler's factors; a linear_decay reaches zero
+                              # at the last step, so the final model is not pulled by its last few batches
 
 
 PRESETS = {
     'study': StudyConfig(d_model=256, num_heads=4, head_dim=64, num_layers=4, num_sparse=2, num_experts=16,
                          mlp_dim=512, steps=1200, batch=16, length=128, eval_every=200, eval_batches=16,
                          final_eval_batches=256, learning_rate=1.0, warmup_steps=100, checkpoint_every=200,
-                         segment_length=32, routing_groups=1, expert_learning_rate_scale=0.1),
+                         segment_length=32, routing_groups=1, expert_learning_rate_scale=0.1,
+                         learning_rate_factors='rsqrt_decay * linear_decay'),
     'quick': StudyConfig(d_model=32, num_heads=2, head_dim=16, num_layers=2, num_sparse=1, num_experts=4,
                          mlp_dim=64, steps=8, batch=4, length=32, eval_every=4, eval_batches=2,
-                         final_eval_batches=3, learning_rate=1.0, warmup_steps=10, checkpoint_every=4,
-                         segment_length=8, routing_groups=1, expert_learning_rate_scale=0.1),
+                         final_eval_batches=3, learning_rate=1.0, warmup_steps=2, checkpoint_every=4,
+                         segment_length=8, routing_groups=1, expert_learning_rate_scale=0.1,
+                         learning_rate_factors='rsqrt_decay * linear_decay'),
 }
 
 
@@ -125,7 +129,7 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--preset', choices=sorted(PRESETS), default='study')
   for field in dataclasses.fields(StudyConfig):
-    parser.add_argument(f'--{field.name}', type=field.type if field.type in (int, float) else int,
+    parser.add_argument(f'--{field.name}', type=field.type if field.type in (int, float, str) else int,
                         default=None, help=f'override the preset\'s {field.name}')
   parser.add_argument('--routers', default='dense,st_moe_top2,switch_top1',
                       help=f'comma-separated, from {ROUTERS}')
@@ -141,6 +145,10 @@ def parse_args(argv=None):
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudyConfig)
                if getattr(args, f.name) is not None}
   args.config = dataclasses.replace(PRESETS[args.preset], **overrides)
+  try:  # a bad schedule is refused before any run starts
+    learning_rate_schedule(args.config)
+  except ValueError as error:
+    parser.error(f'--learning_rate_factors / --steps / --warmup_steps: {error}')
   args.routers = [r.strip() for r in args.routers.split(',') if r.strip()]
   unknown = [r for r in args.routers if r not in ROUTERS]
   if unknown:
@@ -201,8 +209,15 @@ def build_model(router: str, c: StudyConfig) -> models.DecoderOnly:
   return models.DecoderOnly(*variants[router]())
 
 
+def learning_rate_schedule(c: StudyConfig):
+  decay = (optim.linear_decay_factor(c.steps, c.warmup_steps)
+           if 'linear_decay' in c.learning_rate_factors else 0.0)
+  return optim.create_learning_rate_scheduler(c.learning_rate_factors, c.learning_rate, c.warmup_steps,
+                                              decay_factor=decay)
+
+
 def make_trainer(router: str, c: StudyConfig, seed: int, mesh) -> trainer_lib.Trainer:
-  schedule = optim.create_learning_rate_scheduler('constant * rsqrt_decay', c.learning_rate, c.warmup_steps)
+  schedule = learning_rate_schedule(c)
   model = build_model(router, c)
   scales = ({optim.EXPERT_PARAM_PATTERN: c.expert_learning_rate_scale}
             if model.moe is not None and c.expert_learning_rate_scale != 1.0 else None)
@@ -364,6 +379,15 @@ def summarize(results: dict) -> list[dict]:
       if len(values) > 1 and len(dense_values) > 1:
         row['delta_se'] = float(math.sqrt(values.var(ddof=1) / len(values)
                                           + dense_values.var(ddof=1) / len(dense_values)))
+      # A seed fixes the data order (and the init of the parameters both models share), so the same-seed
+      # difference removes what the two runs have in common.
+      dense_by_seed = {r['seed']: r['val_bits_per_byte'] for r in dense}
+      paired = np.array([r['val_bits_per_byte'] - dense_by_seed[r['seed']] for r in runs
+                         if r['seed'] in dense_by_seed])
+      if len(paired) > 1:
+        row['paired_delta'] = float(paired.mean())
+        row['paired_se'] = float(paired.std(ddof=1) / math.sqrt(len(paired)))
+        row['paired_seeds'] = len(paired)
     if budget and router in timing and all(r['curve'] for r in runs):
       at = budget / timing[router]  # the step where this router has used the dense run's time
       row['equal_time_step'] = min(at, c.steps)
@@ -383,19 +407,25 @@ def _fmt(value, spec, missing='–'):
 
 
 def markdown_table(rows: list[dict]) -> str:
-  lines = ['| router | seeds | params | val bits/byte, mean ± std | vs dense ± SE | beyond noise? | '
+  lines = ['| router | seeds | params | val bits/byte, mean ± std | vs dense ± SE | same-seed pairs ± SE | '
+           'beyond noise? | '
            'eval SE per run | step time (× dense) | bits/byte at equal wall-clock | tokens dropped, train / eval |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   dense_step = next((r['step_s'] for r in rows if r['router'] == 'dense'), None)
   for r in rows:
     spread = f'{r["mean"]:.4f} ± {r["std"]:.4f}' if r['std'] is not None else f'{r["mean"]:.4f} (one seed)'
+    z = lambda delta, se: abs(delta) / se if se > 0 else math.inf
+    paired = '–'
+    if 'paired_se' in r:
+      paired = f'{r["paired_delta"]:+.4f} ± {r["paired_se"]:.4f} ({r["paired_seeds"]} seeds)'
     if r['router'] == 'dense':
       versus, verdict = '–', '–'
     elif 'delta_se' in r:
       versus = f'{r["delta"]:+.4f} ± {r["delta_se"]:.4f}'
-      z = r['delta'] / r['delta_se'] if r['delta_se'] > 0 else math.inf
-      verdict = (f'yes, {"better" if r["delta"] < 0 else "worse"} ({abs(z):.1f} SE)' if abs(z) > 3
-                 else f'no ({abs(z):.1f} SE)')
+      zs = [z(r['delta'], r['delta_se'])] + ([z(r['paired_delta'], r['paired_se'])] if 'paired_se' in r else [])
+      shown = ' / '.join(f'{v:.1f}' for v in zs) + ' SE'
+      verdict = (f'yes, {"better" if r["delta"] < 0 else "worse"} ({shown})' if min(zs) > 3
+                 else f'no ({shown})')
     elif 'delta' in r:
       versus, verdict = f'{r["delta"]:+.4f}', 'n/a (one seed)'
     else:
@@ -409,7 +439,7 @@ def markdown_table(rows: list[dict]) -> str:
                '0 (no token routing)' if r['router'] == 'lory' else
                f'{_fmt(r["dropped_train"], ".2%")} / {_fmt(r["dropped_eval"], ".2%")}')
     lines.append(f'| {r["router"]} ({DESCRIPTIONS[r["router"]]}) | {len(r["seeds"])} | {r["params"] / 1e6:.2f}M '
-                 f'| {spread} | {versus} | {verdict} | {r["eval_se"]:.4f} | {step} | {equal} | {dropped} |')
+                 f'| {spread} | {versus} | {paired} | {verdict} | {r["eval_se"]:.4f} | {step} | {equal} | {dropped} |')
   return '\n'.join(lines)
 
 
@@ -480,8 +510,9 @@ def write_report(results: dict, args) -> str:
       f'Model: decoder-only, d_model {c.d_model}, {c.num_heads} heads of {c.head_dim}, {c.num_layers} layers '
       f'of which {c.num_sparse} sparse (MIXED), {c.num_experts} experts, F = {c.mlp_dim} (dense_total_params: '
       f'{dense_total_width(c)}), GEGLU, float32, byte vocabulary. Training: {c.steps} steps × {c.batch} rows × '
-      f'{c.length} tokens ({tokens:,} token positions per run), Adafactor, rsqrt schedule (base '
-      f'{c.learning_rate}, constant for the first {c.warmup_steps} steps), experts at '
+      f'{c.length} tokens ({tokens:,} token positions per run), Adafactor, learning rate '
+      f'\'{c.learning_rate_factors}\' (base {c.learning_rate}, warm-up {c.warmup_steps} steps'
+      f'{", then to zero at the last step" if "linear_decay" in c.learning_rate_factors else ""}), experts at '
       f'{c.expert_learning_rate_scale}× that rate, {c.routing_groups} routing group(s) per batch, aux loss '
       f'0.01, router z-loss 1e-3. '
       f'Final validation: the first {c.final_eval_batches} batches of the validation split '
@@ -492,7 +523,9 @@ def write_report(results: dict, args) -> str:
                  f'steps per router, in one process, on {timing["cpu_cores"]} CPU cores (host float32 matmul: '
                  f'{timing["matmul_gflops"]:.0f} GFLOP/s), jax {timing["jax"]}.')
   notes = ('"vs dense ± SE": difference of the seed means, SE = sqrt(s²/n + s_dense²/n_dense) over seeds. '
-           '"beyond noise?": |difference| > 3 SE. "eval SE per run": the standard error of one run\'s final '
+           '"same-seed pairs": the mean and SE over seeds of (router − dense at the same seed); a seed fixes '
+           'the data order, so pairing removes the noise the two runs share. "beyond noise?": |difference| > 3 SE '
+           'both unpaired and paired (the two z values are shown). "eval SE per run": the standard error of one run\'s final '
            'validation value from the batches it read (ratio estimator over batches). "equal wall-clock": the '
            'validation curve read (linear interpolation between evaluations) at the step where the router has '
            'used the dense run\'s time, by the side-by-side step times.')

@@ -383,24 +383,34 @@ def adafactor(learning_rate: optax.ScalarOrSchedule, rules: FactorRules = None, 
 # ---------------------------------------------------------------------------------------------------------
 # Learning-rate schedules (t5x's utils.create_learning_rate_scheduler, the factors these runs use).
 
-LR_FACTORS = ('constant', 'linear_warmup', 'rsqrt_decay')
+LR_FACTORS = ('constant', 'linear_warmup', 'rsqrt_decay', 'linear_decay')
 
 
 def create_learning_rate_scheduler(factors: str = 'constant * rsqrt_decay',
                                    base_learning_rate: float = 1.0,
-                                   warmup_steps: int = 10_000) -> optax.Schedule:
+                                   warmup_steps: int = 10_000,
+                                   decay_factor: float = 0.5,
+                                   min_learning_rate: float = 1e-8) -> optax.Schedule:
   """A schedule multiplying t5x's named factors, e.g. 'constant * rsqrt_decay'.
 
   constant: base_learning_rate; linear_warmup: min(1, step / warmup_steps);
-  rsqrt_decay: 1 / √max(step, warmup_steps) (constant 1/√warmup during warm-up).
+  rsqrt_decay: 1 / √max(step, warmup_steps) (constant 1/√warmup during warm-up);
+  linear_decay: base_learning_rate × min(step / warmup_steps, 1 − decay_factor × (step − warmup_steps)), a
+  linear warm-up then a linear decline of slope decay_factor per step (to zero at warmup + 1/decay_factor
+  steps); it includes 'constant * linear_warmup', so it is not combined with either (t5x's rule).
+  The product never falls below min_learning_rate (t5x: a decay past zero stays at the floor).
   """
   names = [name.strip() for name in factors.split('*')]
   unknown = [name for name in names if name not in LR_FACTORS]
   if unknown:
     raise ValueError(f'Unknown learning-rate factor(s) {unknown} in factors={factors!r}; '
                      f'supported: {LR_FACTORS}.')
-  if warmup_steps < 1 and {'linear_warmup', 'rsqrt_decay'} & set(names):
-    raise ValueError(f'warmup_steps must be >= 1 for {factors!r} (1/sqrt(0) is infinite), '
+  if 'linear_decay' in names and {'constant', 'linear_warmup'} & set(names):
+    raise ValueError(f"factors={factors!r}: 'linear_decay' already includes 'constant * linear_warmup' "
+                     "(base_learning_rate and the warm-up); drop those factors, e.g. "
+                     "'rsqrt_decay * linear_decay' or 'linear_decay'.")
+  if warmup_steps < 1 and {'linear_warmup', 'rsqrt_decay', 'linear_decay'} & set(names):
+    raise ValueError(f'warmup_steps must be >= 1 for {factors!r} (1/sqrt(0) and step/0 are infinite), '
                      f'got {warmup_steps}.')
 
   def schedule(step):
@@ -411,10 +421,21 @@ def create_learning_rate_scheduler(factors: str = 'constant * rsqrt_decay',
         lr = lr * base_learning_rate
       elif name == 'linear_warmup':
         lr = lr * jnp.minimum(1.0, step / warmup_steps)
+      elif name == 'linear_decay':
+        lr = lr * base_learning_rate * jnp.minimum(step / warmup_steps,
+                                                   1.0 - decay_factor * (step - warmup_steps))
       else:
         lr = lr * jax.lax.rsqrt(jnp.maximum(step, float(warmup_steps)))
-    return lr
+    return jnp.maximum(lr, min_learning_rate)
   return schedule
+
+
+def linear_decay_factor(total_steps: int, warmup_steps: int) -> float:
+  """linear_decay's decay_factor that reaches zero at total_steps (the last update's step is total_steps − 1)."""
+  if total_steps <= warmup_steps:
+    raise ValueError(f'linear_decay to zero needs total_steps > warmup_steps, got {total_steps} <= '
+                     f'{warmup_steps}.')
+  return 1.0 / (total_steps - warmup_steps)
 
 
 def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) -> optax.Schedule:

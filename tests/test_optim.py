@@ -350,7 +350,23 @@ def test_schedules():
                              [1.0, 1.0, 1.0, 0.5, 0.25], rtol=1e-6)
   assert float(optim.constant_schedule()(123)) == pytest.approx(1e-3)
   warm = optim.create_learning_rate_scheduler('constant * linear_warmup', 0.1, warmup_steps=10)
-  np.testing.assert_allclose([float(warm(s)) for s in (0, 5, 10, 20)], [0.0, 0.05, 0.1, 0.1], rtol=1e-6)
+  # t5x's floor: min_learning_rate (1e-8) where a factor gives zero.
+  np.testing.assert_allclose([float(warm(s)) for s in (0, 5, 10, 20)], [1e-8, 0.05, 0.1, 0.1], rtol=1e-6)
+  # linear_decay (t5x): base × min(step/warmup, 1 − decay_factor (step − warmup)), floored at 1e-8.
+  decay = optim.create_learning_rate_scheduler('linear_decay', 0.2, warmup_steps=10, decay_factor=0.01)
+  np.testing.assert_allclose([float(decay(s)) for s in (5, 10, 60, 110, 200)],
+                             [0.1, 0.2, 0.1, 1e-8, 1e-8], rtol=1e-5)
+  # The study's schedule: rsqrt, then a linear decay that reaches zero at the last step.
+  steps, warmup = 1200, 100
+  study = optim.create_learning_rate_scheduler('rsqrt_decay * linear_decay', 1.0, warmup,
+                                               decay_factor=optim.linear_decay_factor(steps, warmup))
+  np.testing.assert_allclose([float(study(s)) for s in (50, 100, 400, 650, steps)],
+                             [0.05, 0.1, 0.05 * (1 - 300 / 1100), 0.1 * 100 ** 0.5 / 650 ** 0.5 * 0.5, 1e-8],
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="drop those factors"):
+    optim.create_learning_rate_scheduler('constant * linear_decay')
+  with pytest.raises(ValueError, match='total_steps > warmup_steps'):
+    optim.linear_decay_factor(100, 100)
   with pytest.raises(ValueError, match='cosine_decay'):
     optim.create_learning_rate_scheduler('constant * cosine_decay')
   with pytest.raises(ValueError, match='warmup_steps'):

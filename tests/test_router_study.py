@@ -48,9 +48,12 @@ def test_table_reports_seed_statistics_from_the_runs(study):
   assert rows['st_moe_top2']['delta'] == pytest.approx(np.mean(moe) - np.mean(dense))
   assert rows['st_moe_top2']['delta_se'] == pytest.approx(
       math.sqrt(np.var(dense, ddof=1) / 2 + np.var(moe, ddof=1) / 2))
+  pairs = np.subtract(moe, dense)  # same seed, same data order
+  assert rows['st_moe_top2']['paired_delta'] == pytest.approx(pairs.mean())
+  assert rows['st_moe_top2']['paired_se'] == pytest.approx(np.std(pairs, ddof=1) / math.sqrt(2))
   table = [line for line in result.stdout.splitlines() if line.startswith('| ')]
   assert table[1].startswith('| dense (') and f'{np.mean(dense):.4f} ± {np.std(dense, ddof=1):.4f}' in table[1]
-  assert table[2].startswith('| st_moe_top2 (') and ' SE)' in table[2]
+  assert table[2].startswith('| st_moe_top2 (') and ' SE)' in table[2] and '(2 seeds)' in table[2]
   # Each run's curve is the during-training validation read back from its TensorBoard event files.
   for run in runs.values():
     assert [s for s, _ in run['curve']] == [4, 8]
@@ -100,6 +103,9 @@ def test_unknown_router_is_refused():
   result = subprocess.run([sys.executable, 'scripts/router_study.py', '--routers', 'dense,top3'], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 2 and "unknown --routers ['top3']" in result.stderr
+  result = subprocess.run([sys.executable, 'scripts/router_study.py', '--steps', '50', '--warmup_steps', '100'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and 'total_steps > warmup_steps, got 50 <= 100' in result.stderr
 
 
 def test_only_the_moe_models_train_their_experts_at_the_scaled_rate():
@@ -114,4 +120,9 @@ def test_only_the_moe_models_train_their_experts_at_the_scaled_rate():
   assert scales('st_moe_top2') == {optim.EXPERT_PARAM_PATTERN: c.expert_learning_rate_scale} != {}
   assert scales('dense') is None  # a dense model has no expert to match: scale_by_path would refuse it
   moe = router_study.build_model('st_moe_top2', c).moe
+  # The learning rate decays to zero at the last step (its floor, 1e-8), from the schedule's peak.
+  schedule = router_study.make_trainer('dense', c, 0, mesh).learning_rate
+  assert c.learning_rate_factors == 'rsqrt_decay * linear_decay'
+  assert float(schedule(c.steps)) == pytest.approx(1e-8)
+  assert float(schedule(c.warmup_steps)) == pytest.approx(c.learning_rate / math.sqrt(c.warmup_steps))
   assert moe.group_multiple == c.routing_groups == 1 and moe.group_size == c.batch * c.length
