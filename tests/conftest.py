@@ -97,3 +97,17 @@ def jit(request):
     traced_kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, _STATIC)}
     return _jitted(fn, static_args, static_kwargs)(traced_args, traced_kwargs)
   return run_jitted
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """Makes `--dist loadgroup` group again (scripts/run_tests.sh) under pytest 9.2 + xdist 3.8: xdist tags a
+  grouped test by setting item._nodeid to 'id@group', but pytest 9.2 reads the id from item._id, so every test
+  went to its own worker and a module fixture of a group (a real multi-process run) ran once per worker."""
+  if not getattr(config.option, 'loadgroup', False):
+    return
+  from _pytest.nodeid import coerce_node_id  # pylint: disable=g-import-not-at-top
+  for item in items:
+    tagged = getattr(item, '_nodeid', None)
+    if isinstance(tagged, str) and tagged != item.nodeid:
+      item._id = coerce_node_id(tagged)  # pylint: disable=protected-access

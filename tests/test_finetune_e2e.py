@@ -22,6 +22,9 @@ MODEL = ['--gin_file=gin/models/st_moe_tiny.gin', '--gin.EMBED_DIM=32', '--gin.M
 LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 96, 'targets': 16}"
 LABELS = {'BoolQ.jsonl': {'true', 'false'}, 'CB.jsonl': {'entailment', 'contradiction', 'neutral'}}
 
+# One xdist worker runs them all, so that the module fixture's runs happen once (run_tests.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('finetune_e2e')
+
 
 def run_cli(module, argv, tmp_path, superglue_dir=FIXTURES):
   # The mixture lives in a user module imported by a gin file (the t5x convention for own tasks).

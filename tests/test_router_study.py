@@ -16,6 +16,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY = ['scripts/router_study.py', '--preset', 'quick', '--routers', 'dense,st_moe_top2', '--seeds', '0,1',
          '--timing_rounds', '1', '--timing_steps', '1']
 
+# One xdist worker runs them all, so that the module fixture's runs happen once (run_tests.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('router_study')
+
 
 def run_study(out_dir, *extra, check=True) -> subprocess.CompletedProcess:
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, as a user runs it
