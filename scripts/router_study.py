@@ -115,12 +115,12 @@ PRESETS = {
     'study': StudyConfig(d_model=256, num_heads=4, head_dim=64, num_layers=4, num_sparse=2, num_experts=16,
                          mlp_dim=512, steps=1200, batch=16, length=128, eval_every=200, eval_batches=16,
                          final_eval_batches=256, learning_rate=1.0, warmup_steps=100, checkpoint_every=200,
-                         segment_length=32, routing_groups=1, expert_learning_rate_scale=0.1,
+                         segment_length=32, routing_groups=1, expert_learning_rate_scale=0.3,
                          learning_rate_factors='rsqrt_decay * linear_decay'),
     'quick': StudyConfig(d_model=32, num_heads=2, head_dim=16, num_layers=2, num_sparse=1, num_experts=4,
                          mlp_dim=64, steps=8, batch=4, length=32, eval_every=4, eval_batches=2,
                          final_eval_batches=3, learning_rate=1.0, warmup_steps=2, checkpoint_every=4,
-                         segment_length=8, routing_groups=1, expert_learning_rate_scale=0.1,
+                         segment_length=8, routing_groups=1, expert_learning_rate_scale=0.3,
                          learning_rate_factors='rsqrt_decay * linear_decay'),
 }
 
@@ -384,10 +384,11 @@ def summarize(results: dict) -> list[dict]:
       dense_by_seed = {r['seed']: r['val_bits_per_byte'] for r in dense}
       paired = np.array([r['val_bits_per_byte'] - dense_by_seed[r['seed']] for r in runs
                          if r['seed'] in dense_by_seed])
-      if len(paired) > 1:
+      if len(paired):  # with one seed, the same-seed difference is still the fairer single number
         row['paired_delta'] = float(paired.mean())
-        row['paired_se'] = float(paired.std(ddof=1) / math.sqrt(len(paired)))
         row['paired_seeds'] = len(paired)
+      if len(paired) > 1:
+        row['paired_se'] = float(paired.std(ddof=1) / math.sqrt(len(paired)))
     if budget and router in timing and all(r['curve'] for r in runs):
       at = budget / timing[router]  # the step where this router has used the dense run's time
       row['equal_time_step'] = min(at, c.steps)
@@ -418,6 +419,8 @@ def markdown_table(rows: list[dict]) -> str:
     paired = '–'
     if 'paired_se' in r:
       paired = f'{r["paired_delta"]:+.4f} ± {r["paired_se"]:.4f} ({r["paired_seeds"]} seeds)'
+    elif 'paired_delta' in r:
+      paired = f'{r["paired_delta"]:+.4f} (seed {r["seeds"][0]})'
     if r['router'] == 'dense':
       versus, verdict = '–', '–'
     elif 'delta_se' in r:
