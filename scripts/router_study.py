@@ -1,8 +1,9 @@
 """Router study: does a sparse model beat a dense one of equal activated compute, and which router is best?
 
 Decoder-only byte-level language models on the embedded corpus (`stdlib_lm`), one per router and seed,
-each trained by the project's own loop (trainer.fit: Adafactor, rsqrt schedule decaying linearly to zero, z-losses, orbax checkpoints
-with the data position, TensorBoard event files), then evaluated on a fixed slice of the validation split.
+each trained by the project's own loop (trainer.fit: Adafactor, rsqrt schedule decaying linearly to zero,
+z-losses, orbax checkpoints with the data position, TensorBoard event files), then evaluated on a fixed slice
+of the validation split.
 
   dense               every FFN dense, width F (the FLOP-matched baseline)
   dense_total_params  every FFN dense and as wide as the MoE's total FFN parameters allow (upper reference)
@@ -360,6 +361,7 @@ def summarize(results: dict) -> list[dict]:
   timing = (results.get('timing') or {}).get('step_seconds', {})
   dense = by_router.get('dense', [])
   dense_values = np.array([r['val_bits_per_byte'] for r in dense])
+  dense_by_seed = {r['seed']: r['val_bits_per_byte'] for r in dense}
   budget = c.steps * timing['dense'] if 'dense' in timing else None
   rows = []
   for router in ROUTERS:
@@ -381,7 +383,6 @@ def summarize(results: dict) -> list[dict]:
                                           + dense_values.var(ddof=1) / len(dense_values)))
       # A seed fixes the data order (and the init of the parameters both models share), so the same-seed
       # difference removes what the two runs have in common.
-      dense_by_seed = {r['seed']: r['val_bits_per_byte'] for r in dense}
       paired = np.array([r['val_bits_per_byte'] - dense_by_seed[r['seed']] for r in runs
                          if r['seed'] in dense_by_seed])
       if len(paired):  # with one seed, the same-seed difference is still the fairer single number
@@ -413,9 +414,9 @@ def markdown_table(rows: list[dict]) -> str:
            'eval SE per run | step time (× dense) | bits/byte at equal wall-clock | tokens dropped, train / eval |',
            '|---|---|---|---|---|---|---|---|---|---|---|']
   dense_step = next((r['step_s'] for r in rows if r['router'] == 'dense'), None)
+  z = lambda delta, se: abs(delta) / se if se > 0 else math.inf
   for r in rows:
     spread = f'{r["mean"]:.4f} ± {r["std"]:.4f}' if r['std'] is not None else f'{r["mean"]:.4f} (one seed)'
-    z = lambda delta, se: abs(delta) / se if se > 0 else math.inf
     paired = '–'
     if 'paired_se' in r:
       paired = f'{r["paired_delta"]:+.4f} ± {r["paired_se"]:.4f} ({r["paired_seeds"]} seeds)'
@@ -528,8 +529,8 @@ def write_report(results: dict, args) -> str:
   notes = ('"vs dense ± SE": difference of the seed means, SE = sqrt(s²/n + s_dense²/n_dense) over seeds. '
            '"same-seed pairs": the mean and SE over seeds of (router − dense at the same seed); a seed fixes '
            'the data order, so pairing removes the noise the two runs share. "beyond noise?": |difference| > 3 SE '
-           'both unpaired and paired (the two z values are shown). "eval SE per run": the standard error of one run\'s final '
-           'validation value from the batches it read (ratio estimator over batches). "equal wall-clock": the '
+           'both unpaired and paired (the two z values are shown). "eval SE per run": the standard error of one '
+           'run\'s final validation value from the batches it read (ratio estimator over batches). "equal wall-clock": the '
            'validation curve read (linear interpolation between evaluations) at the step where the router has '
            'used the dense run\'s time, by the side-by-side step times.')
   commands = '\n'.join(f'    {cmd}' for cmd in results['commands'])
