@@ -129,3 +129,32 @@ def test_only_the_moe_models_train_their_experts_at_the_scaled_rate():
   assert float(schedule(c.steps)) == pytest.approx(1e-8)
   assert float(schedule(c.warmup_steps)) == pytest.approx(c.learning_rate / math.sqrt(c.warmup_steps))
   assert moe.group_multiple == c.routing_groups == 1 and moe.group_size == c.batch * c.length
+
+
+def test_verdict_needs_both_standard_errors_and_one_seed_routers_pair_with_their_seed():
+  """The table from a results file (no runs): 'beyond noise?' says yes only when the unpaired and the same-seed
+  differences are both > 3 SE; a router at one seed shows its difference from dense at that seed."""
+  sys.path.insert(0, os.path.join(REPO, 'scripts'))
+  import dataclasses
+  import router_study
+  # dense varies a lot between seeds; st_moe_top2 is 0.01 better at every seed: paired z is infinite-ish,
+  # unpaired z small. switch_top1 runs at seed 1 only.
+  values = {'dense': {0: 2.0, 1: 2.2, 2: 1.9}, 'st_moe_top2': {0: 1.99, 1: 2.19, 2: 1.891},
+            'switch_top1': {1: 2.25}}
+  runs = {f'{router}/seed{seed}': {'router': router, 'seed': seed, 'val_bits_per_byte': v,
+                                   'val_bits_per_byte_se': 0.03, 'params': 1_000_000, 'dropped_train': None,
+                                   'dropped_eval': None, 'curve': []}
+          for router, by_seed in values.items() for seed, v in by_seed.items()}
+  results = {'config': dataclasses.asdict(router_study.PRESETS['quick']), 'runs': runs, 'timing': None}
+  rows = {r['router']: r for r in router_study.summarize(results)}
+  pairs = np.array([-0.01, -0.01, -0.009])
+  assert rows['st_moe_top2']['paired_delta'] == pytest.approx(pairs.mean())
+  assert rows['st_moe_top2']['paired_se'] == pytest.approx(pairs.std(ddof=1) / math.sqrt(3))
+  assert rows['switch_top1']['paired_delta'] == pytest.approx(0.05) and 'paired_se' not in rows['switch_top1']
+  table = {line.split(' (')[0][2:]: line for line in router_study.markdown_table(list(rows.values())).splitlines()
+           if line.startswith('| ') and not line.startswith('| router')}
+  unpaired_z = abs(rows['st_moe_top2']['delta']) / rows['st_moe_top2']['delta_se']
+  paired_z = abs(pairs.mean()) / (pairs.std(ddof=1) / math.sqrt(3))
+  assert unpaired_z < 3 < paired_z
+  assert f'| no ({unpaired_z:.1f} / {paired_z:.1f} SE) |' in table['st_moe_top2']
+  assert '| +0.0500 (seed 1) |' in table['switch_top1'] and 'n/a (one seed)' in table['switch_top1']
