@@ -98,8 +98,10 @@ def init_distributed(flags: argparse.Namespace) -> None:
   # default), through the distributed client set up here.
   if flags.process_index != 0:  # process 0 serves the coordinator itself
     wait_for_coordinator(flags)
-  # A peer that dies later (no heartbeat for --heartbeat_timeout_seconds) makes jaxlib end the others
-  # ('Terminating process because the JAX distributed service detected fatal errors'), never a hang.
+  # A peer that dies later: a collective that fails at once gives run_main's one line; one that keeps waiting
+  # (gloo has no timeout) is ended by jaxlib once the peer misses --heartbeat_timeout_seconds of heartbeats
+  # ('Terminating process because the JAX distributed service detected fatal errors'), never a hang. jaxlib's
+  # missed_heartbeat_callback cannot replace that message from Python (it aborts on casting the status).
   jax.distributed.initialize(flags.coordinator_address, flags.process_count, flags.process_index,
                              initialization_timeout=flags.initialization_timeout,
                              heartbeat_timeout_seconds=flags.heartbeat_timeout_seconds)
