@@ -2,6 +2,8 @@
 configurations in one results file. Real runs (trainer.fit, orbax checkpoints, event files) of the 'quick'
 preset; one study is shared by the tests."""
 
+import dataclasses
+import importlib
 import json
 import math
 import os
@@ -18,6 +20,13 @@ STUDY = ['scripts/router_study.py', '--preset', 'quick', '--routers', 'dense,st_
 
 # One xdist worker runs them all, so that the module fixture's runs happen once (run_tests.sh: --dist loadgroup).
 pytestmark = pytest.mark.xdist_group('router_study')
+
+
+def import_router_study():
+  """scripts/router_study.py as a module (it is a script, not part of the package)."""
+  if os.path.join(REPO, 'scripts') not in sys.path:
+    sys.path.insert(0, os.path.join(REPO, 'scripts'))
+  return importlib.import_module('router_study')
 
 
 def run_study(out_dir, *extra, check=True) -> subprocess.CompletedProcess:
@@ -112,9 +121,8 @@ def test_unknown_router_is_refused():
 
 
 def test_only_the_moe_models_train_their_experts_at_the_scaled_rate():
-  sys.path.insert(0, os.path.join(REPO, 'scripts'))
   import jax
-  import router_study
+  router_study = import_router_study()
   from st_moe_jax import optim, partitioning
   c = router_study.PRESETS['quick']
   mesh = partitioning.create_mesh(jax.devices()[:1])
@@ -134,9 +142,7 @@ def test_only_the_moe_models_train_their_experts_at_the_scaled_rate():
 def test_verdict_needs_both_standard_errors_and_one_seed_routers_pair_with_their_seed():
   """The table from a results file (no runs): 'beyond noise?' says yes only when the unpaired and the same-seed
   differences are both > 3 SE; a router at one seed shows its difference from dense at that seed."""
-  sys.path.insert(0, os.path.join(REPO, 'scripts'))
-  import dataclasses
-  import router_study
+  router_study = import_router_study()
   # dense varies a lot between seeds; st_moe_top2 is 0.01 better at every seed: paired z is infinite-ish,
   # unpaired z small. switch_top1 runs at seed 1 only.
   values = {'dense': {0: 2.0, 1: 2.2, 2: 1.9}, 'st_moe_top2': {0: 1.99, 1: 2.19, 2: 1.891},
