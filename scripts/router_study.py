@@ -253,7 +253,7 @@ def load_results(path: str, config: StudyConfig) -> dict:
 
 
 def save_json(path: str, obj) -> None:
-  tmp = path + '.tmp'
+  tmp = f'{path}.{os.getpid()}.tmp'  # one per process: sittings side by side share the results file
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=1)
   os.replace(tmp, path)  # a study killed while writing keeps the previous file

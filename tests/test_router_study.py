@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -164,3 +165,25 @@ def test_verdict_needs_both_standard_errors_and_one_seed_routers_pair_with_their
   assert unpaired_z < 3 < paired_z
   assert f'| no ({unpaired_z:.1f} / {paired_z:.1f} SE) |' in table['st_moe_top2']
   assert '| +0.0500 (seed 1) |' in table['switch_top1'] and 'n/a (one seed)' in table['switch_top1']
+
+
+def test_sittings_side_by_side_save_the_results_file_without_colliding(tmp_path):
+  # Two sittings of one study (say, one per router) write the same results.json; each must write through
+  # its own temporary file, or one's os.replace finds the other's already moved away.
+  path = tmp_path / 'results.json'
+  go = tmp_path / 'go'
+  writer = ('import os, sys, time; sys.path.insert(0, "scripts"); import router_study\n'
+            'open(sys.argv[3] + sys.argv[2], "w").close()\n'
+            'while not os.path.exists(sys.argv[3]): time.sleep(0.01)\n'
+            'for i in range(2000): router_study.save_json(sys.argv[1], {"writer": sys.argv[2], "i": i})\n')
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'}
+  writers = [subprocess.Popen([sys.executable, '-c', writer, str(path), name, str(go)], cwd=REPO, env=env,
+                              stderr=subprocess.PIPE, text=True) for name in ('a', 'b')]
+  while not all((tmp_path / f'go{name}').exists() for name in ('a', 'b')):  # both imported
+    assert all(w.poll() is None for w in writers), [w.stderr.read()[-2000:] for w in writers]
+    time.sleep(0.05)
+  go.touch()  # ...then both write at once
+  for w in writers:
+    assert w.wait(timeout=300) == 0, w.stderr.read()[-2000:]
+  assert json.loads(path.read_text())['i'] == 1999
+  assert sorted(os.listdir(tmp_path)) == ['go', 'goa', 'gob', 'results.json']
