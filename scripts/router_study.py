@@ -43,6 +43,7 @@ tokens dropped, router z-loss, auxiliary loss and router confidence over trainin
 
 import argparse
 import dataclasses
+import fcntl
 import functools
 import json
 import math
@@ -249,6 +250,17 @@ def load_results(path: str, config: StudyConfig) -> dict:
     raise SystemExit(
         f'error: {path} holds results made with other settings ({diff}); one study file holds one '
         'configuration: rerun with the same settings (--preset and overrides) or give another --out_dir.')
+  return results
+
+
+def update_results(path: str, config: StudyConfig, change) -> dict:
+  """Reads the results file, applies change(results) and writes it back, holding a lock meanwhile: sittings
+  side by side (one per router, say) add to one file without losing each other's additions."""
+  with open(path + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    results = load_results(path, config)
+    change(results)
+    save_json(path, results)
   return results
 
 
@@ -563,9 +575,12 @@ def main(argv=None):
     return
   command = 'python scripts/router_study.py ' + ' '.join(
       shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-  if command not in results['commands']:
-    results['commands'].append(command)
-  save_json(results_path, results)
+
+  def add_command(results):
+    if command not in results['commands']:
+      results['commands'].append(command)
+
+  results = update_results(results_path, c, add_command)
   mesh = partitioning.create_mesh(jax.devices()[:1])
   todo = [(r, s) for s in args.seeds for r in args.routers if f'{r}/seed{s}' not in results['runs']]
   print(f'router study in {args.out_dir}: {len(todo)} runs to do ({len(results["runs"])} done)',
@@ -576,9 +591,8 @@ def main(argv=None):
     if run is None:
       print('Stopped (SIGTERM); rerun the same command to continue.', file=sys.stderr)
       return
-    results = load_results(results_path, c)  # as it is now: another sitting may be adding runs too
-    results['runs'][f'{router}/seed{seed}'] = run
-    save_json(results_path, results)
+    results = update_results(results_path, c,
+                             lambda results: results['runs'].update({f'{router}/seed{seed}': run}))
     print(f'{router} seed {seed}: validation {run["val_bits_per_byte"]:.4f} ± {run["val_bits_per_byte_se"]:.4f} '
           f'bits/byte [{time.time() - tic:.0f}s]', file=sys.stderr, flush=True)
   studied = [r for r in ROUTERS if any(run['router'] == r for run in results['runs'].values())]
@@ -586,9 +600,7 @@ def main(argv=None):
   if args.timing_rounds and studied and (todo or timed != set(studied)):
     print(f'timing {len(studied)} routers side by side...', file=sys.stderr, flush=True)
     timing = time_steps(studied, c, mesh, args.timing_rounds, args.timing_steps)
-    results = load_results(results_path, c)
-    results['timing'] = timing
-    save_json(results_path, results)
+    results = update_results(results_path, c, lambda results: results.update(timing=timing))
   print(write_report(results, args))
   print(f'wrote {args.report_dir}/router_study.{{md,json}} and the plots', file=sys.stderr)
 

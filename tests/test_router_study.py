@@ -167,15 +167,19 @@ def test_verdict_needs_both_standard_errors_and_one_seed_routers_pair_with_their
   assert '| +0.0500 (seed 1) |' in table['switch_top1'] and 'n/a (one seed)' in table['switch_top1']
 
 
-def test_sittings_side_by_side_save_the_results_file_without_colliding(tmp_path):
-  # Two sittings of one study (say, one per router) write the same results.json; each must write through
-  # its own temporary file, or one's os.replace finds the other's already moved away.
+def test_sittings_side_by_side_add_to_one_results_file_without_losing_anything(tmp_path):
+  # Two sittings of one study (say, one per router) add to the same results.json at once: each addition must
+  # survive (a read-modify-write without a lock loses the other's), and no write may trip on the other's
+  # temporary file.
   path = tmp_path / 'results.json'
   go = tmp_path / 'go'
   writer = ('import os, sys, time; sys.path.insert(0, "scripts"); import router_study\n'
+            'config = router_study.parse_args([]).config\n'
             'open(sys.argv[3] + sys.argv[2], "w").close()\n'
             'while not os.path.exists(sys.argv[3]): time.sleep(0.01)\n'
-            'for i in range(2000): router_study.save_json(sys.argv[1], {"writer": sys.argv[2], "i": i})\n')
+            'for i in range(300):\n'
+            '  router_study.update_results(sys.argv[1], config,\n'
+            '                              lambda r: r["commands"].append(f"{sys.argv[2]}{i}"))\n')
   env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'}
   writers = [subprocess.Popen([sys.executable, '-c', writer, str(path), name, str(go)], cwd=REPO, env=env,
                               stderr=subprocess.PIPE, text=True) for name in ('a', 'b')]
@@ -185,5 +189,6 @@ def test_sittings_side_by_side_save_the_results_file_without_colliding(tmp_path)
   go.touch()  # ...then both write at once
   for w in writers:
     assert w.wait(timeout=300) == 0, w.stderr.read()[-2000:]
-  assert json.loads(path.read_text())['i'] == 1999
-  assert sorted(os.listdir(tmp_path)) == ['go', 'goa', 'gob', 'results.json']
+  commands = json.loads(path.read_text())['commands']
+  assert sorted(commands) == sorted(f'{name}{i}' for name in ('a', 'b') for i in range(300))
+  assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
