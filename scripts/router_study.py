@@ -24,7 +24,7 @@ decoder would see the future (models.check_causal_moe refuses it).
 It resumes. Results go to OUT_DIR/results.json after every run (with the settings they were made with: a
 rerun with other settings is refused), each run's checkpoints and event files to OUT_DIR/runs/<router>-seed<n>;
 a killed study continues where it stopped, mid-run from the run's latest checkpoint. Several sittings can add
-routers or seeds to the same study.
+routers or seeds to the same study, one after another or side by side (the file is updated under a lock).
 
 Wall-clock: training times on a shared host mean little, so the steps of every router in the study are also
 timed side by side (round-robin, in one process, after training): "equal wall-clock" compares each router's
