@@ -265,7 +265,7 @@ def update_results(path: str, config: StudyConfig, change) -> dict:
 
 
 def save_json(path: str, obj) -> None:
-  tmp = f'{path}.{os.getpid()}.tmp'  # one per process: sittings side by side share the results file
+  tmp = f'{path}.{os.getpid()}.tmp'  # one per process: sittings side by side write the same report files
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=1)
   os.replace(tmp, path)  # a study killed while writing keeps the previous file
@@ -569,9 +569,8 @@ def main(argv=None):
   c = args.config
   os.makedirs(args.out_dir, exist_ok=True)
   results_path = os.path.join(args.out_dir, 'results.json')
-  results = load_results(results_path, c)
   if args.report_only:
-    print(write_report(results, args))
+    print(write_report(load_results(results_path, c), args))
     return
   command = 'python scripts/router_study.py ' + ' '.join(
       shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
