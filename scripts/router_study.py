@@ -73,7 +73,7 @@ DESCRIPTIONS = {
     'dense': 'dense FFN, width F (FLOP-matched)',
     'dense_total_params': "dense FFN as wide as the MoE's total parameters",
     'switch_top1': 'Switch top-1, experts of width F, cf 1.25',
-    'st_moe_top2': 'ST-MoE top-2, experts of width F/2, cf 2.5',
+    'st_moe_top2': 'ST-MoE top-2, experts of width F/2, cf 2.5, no BPR (causal)',
     'st_moe_top2_renorm': 'ST-MoE top-2 with the two gates renormalised (GShard)',
     'sparsemixer_v2': 'SparseMixer-v2 top-2, width F/2, dropless',
     'rmoe': 'RMoE GRU router, top-2, width F/2, cf 2.5',
