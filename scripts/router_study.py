@@ -51,6 +51,7 @@ import os
 import shlex
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import st_moe_jax  # noqa: E402  (sets the TF log level before anything imports TensorFlow)
@@ -79,6 +80,7 @@ DESCRIPTIONS = {
     'rmoe': 'RMoE GRU router, top-2, width F/2, cf 2.5',
     'lory': 'Lory segment merging, experts of width F',
 }
+TRAINING_DATA = 'stdlib_lm, segments shuffled over the whole split'
 VOCAB = 384  # ByteVocabulary's 259 ids, rounded up to a multiple of 128 (st_moe_tiny)
 FINDINGS = '## Findings'
 MOE_CURVES = ('expert_usage', 'fraction_tokens_left_behind', 'router_z_loss', 'auxiliary_loss',
@@ -111,6 +113,13 @@ class StudyConfig:
   expert_learning_rate_scale: float  # the experts' learning rate ÷ everyone else's (optim.scale_by_path)
   learning_rate_factors: str  # optim.create_learning_rate_scheduler's factors; a linear_decay reaches zero
                               # at the last step, so the final model is not pulled by its last few batches
+  training_data: str = TRAINING_DATA  # how the training stream is drawn: not a flag, a record (below)
+
+
+# What the training stream was when a results file was made; files from before this field existed were made
+# with the older pipeline, which read the training files 64 at a time, so that a run shorter than an epoch saw
+# a different part of the corpus per seed. Results of the two are not comparable.
+LEGACY_TRAINING_DATA = 'stdlib_lm, 64 files read at a time'
 
 
 PRESETS = {
@@ -131,6 +140,8 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--preset', choices=sorted(PRESETS), default='study')
   for field in dataclasses.fields(StudyConfig):
+    if field.name == 'training_data':
+      continue  # a record of the code, not a setting
     parser.add_argument(f'--{field.name}', type=field.type if field.type in (int, float, str) else int,
                         default=None, help=f'override the preset\'s {field.name}')
   parser.add_argument('--routers', default='dense,st_moe_top2,switch_top1',
@@ -145,7 +156,7 @@ def parse_args(argv=None):
                       help='write the report from the results so far (e.g. of a study still running); no training')
   args = parser.parse_args(argv)
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudyConfig)
-               if getattr(args, f.name) is not None}
+               if getattr(args, f.name, None) is not None}
   args.config = dataclasses.replace(PRESETS[args.preset], **overrides)
   try:  # a bad schedule is refused before any run starts
     learning_rate_schedule(args.config)
@@ -238,11 +249,18 @@ def dataset(c: StudyConfig, split: str, seed: int):
 # ---------------------------------------------------------------------------------------------------------
 # The results file: one configuration, runs added as they finish.
 
-def load_results(path: str, config: StudyConfig) -> dict:
+def load_results(path: str, config: Optional[StudyConfig]) -> dict:
+  """The results file at `path` (a new one if there is none), refused if it was made with settings other than
+  `config`'s; config None (a report): whatever settings it holds."""
   if not os.path.exists(path):
+    if config is None:
+      raise SystemExit(f'error: no results at {path}: run the study first (or give its --out_dir).')
     return {'config': dataclasses.asdict(config), 'runs': {}, 'timing': None, 'commands': []}
   with open(path) as f:
     results = json.load(f)
+  results['config'].setdefault('training_data', LEGACY_TRAINING_DATA)
+  if config is None:
+    return results
   saved, current = results['config'], dataclasses.asdict(config)
   if saved != current:
     diff = ', '.join(f'{k}: {saved.get(k)} there, {current.get(k)} here'
@@ -295,7 +313,7 @@ def train_and_evaluate(router: str, seed: int, c: StudyConfig, out_dir: str, mes
     return None  # preempted: the run's checkpoint holds where it stopped
   train_s = time.time() - start
   final = trainer_lib.evaluate(trainer, state.params, data_lib.DataIterator(validation), c.batch,
-                               c.final_eval_batches)
+                               c.final_eval_batches, keep_batches=True)
   tb = summaries.read_scalars(os.path.join(model_dir, 'train'))
   curve = summaries.read_scalars(os.path.join(model_dir, 'training_eval', 'validation')).get(
       'bits_per_byte', ([], []))
@@ -310,6 +328,7 @@ def train_and_evaluate(router: str, seed: int, c: StudyConfig, out_dir: str, mes
       'dropped_eval': final.get('experts/fraction_tokens_left_behind'),
       'router_z_loss_eval': final.get('experts/router_z_loss'),
       'curve': [[step, value] for step, value in zip(*curve)],
+      'val_batches': final['batches'],  # [cross-entropy sum (nats), byte tokens] per batch: paired differences
       'last_sitting_train_s': train_s,
   }
 
@@ -373,6 +392,7 @@ def summarize(results: dict) -> list[dict]:
   timing = (results.get('timing') or {}).get('step_seconds', {})
   dense = by_router.get('dense', [])
   dense_values = np.array([r['val_bits_per_byte'] for r in dense])
+  dense_runs = {r['seed']: r for r in dense}
   dense_by_seed = {r['seed']: r['val_bits_per_byte'] for r in dense}
   budget = c.steps * timing['dense'] if 'dense' in timing else None
   rows = []
@@ -402,6 +422,11 @@ def summarize(results: dict) -> list[dict]:
         row['paired_seeds'] = len(paired)
       if len(paired) > 1:
         row['paired_se'] = float(paired.std(ddof=1) / math.sqrt(len(paired)))
+      # Per seed, the two runs' final evaluations compared batch by batch (same batches): is each seed's
+      # difference beyond the noise of the evaluation? Its spread over seeds is then the training's noise.
+      row['seed_deltas'] = [
+          [r['seed'], *trainer_lib.paired_difference(r['val_batches'], dense_runs[r['seed']]['val_batches'])]
+          for r in runs if r.get('val_batches') and dense_runs.get(r['seed'], {}).get('val_batches')]
     if budget and router in timing and all(r['curve'] for r in runs):
       at = budget / timing[router]  # the step where this router has used the dense run's time
       row['equal_time_step'] = min(at, c.steps)
@@ -422,9 +447,9 @@ def _fmt(value, spec, missing='–'):
 
 def markdown_table(rows: list[dict]) -> str:
   lines = ['| router | seeds | params | val bits/byte, mean ± std | vs dense ± SE | same-seed pairs ± SE | '
-           'beyond noise? | '
+           'beyond noise? | per seed, batch by batch (z) | '
            'eval SE per run | step time (× dense) | bits/byte at equal wall-clock | tokens dropped, train / eval |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
   dense_step = next((r['step_s'] for r in rows if r['router'] == 'dense'), None)
   z = lambda delta, se: abs(delta) / se if se > 0 else math.inf
   for r in rows:
@@ -454,8 +479,10 @@ def markdown_table(rows: list[dict]) -> str:
     dropped = ('–' if r['router'] in ('dense', 'dense_total_params') else
                '0 (no token routing)' if r['router'] == 'lory' else
                f'{_fmt(r["dropped_train"], ".2%")} / {_fmt(r["dropped_eval"], ".2%")}')
+    per_seed = ', '.join(f'{d:+.4f} ({d / se:+.1f})' for _, d, se in r.get('seed_deltas', [])) or '–'
     lines.append(f'| {r["router"]} ({DESCRIPTIONS[r["router"]]}) | {len(r["seeds"])} | {r["params"] / 1e6:.2f}M '
-                 f'| {spread} | {versus} | {paired} | {verdict} | {r["eval_se"]:.4f} | {step} | {equal} | {dropped} |')
+                 f'| {spread} | {versus} | {paired} | {verdict} | {per_seed} | {r["eval_se"]:.4f} | {step} | {equal} '
+                 f'| {dropped} |')
   return '\n'.join(lines)
 
 
@@ -526,7 +553,7 @@ def write_report(results: dict, args) -> str:
       f'Model: decoder-only, d_model {c.d_model}, {c.num_heads} heads of {c.head_dim}, {c.num_layers} layers '
       f'of which {c.num_sparse} sparse (MIXED), {c.num_experts} experts, F = {c.mlp_dim} (dense_total_params: '
       f'{dense_total_width(c)}), GEGLU, float32, byte vocabulary. Training: {c.steps} steps × {c.batch} rows × '
-      f'{c.length} tokens ({tokens:,} token positions per run), Adafactor, learning rate '
+      f'{c.length} tokens ({tokens:,} token positions per run; training data: {c.training_data}), Adafactor, learning rate '
       f'\'{c.learning_rate_factors}\' (base {c.learning_rate}, warm-up {c.warmup_steps} steps'
       f'{", then to zero at the last step" if "linear_decay" in c.learning_rate_factors else ""}), experts at '
       f'{c.expert_learning_rate_scale}× that rate, {c.routing_groups} routing group(s) per batch, aux loss '
@@ -541,7 +568,10 @@ def write_report(results: dict, args) -> str:
   notes = ('"vs dense ± SE": difference of the seed means, SE = sqrt(s²/n + s_dense²/n_dense) over seeds. '
            '"same-seed pairs": the mean and SE over seeds of (router − dense at the same seed); a seed fixes '
            'the data order, so pairing removes the noise the two runs share. "beyond noise?": |difference| > 3 SE '
-           'both unpaired and paired (the two z values are shown). "eval SE per run": the standard error of one '
+           'both unpaired and paired (the two z values are shown). "per seed, batch by batch": each seed\'s '
+           'difference from dense, its final evaluation compared with dense\'s batch by batch (the same batches), '
+           'with z = difference / its SE: a large z at every seed with signs that disagree means the training run '
+           'varies by more than the evaluation can tell apart. "eval SE per run": the standard error of one '
            'run\'s final validation value from the batches it read (ratio estimator over batches). "equal wall-clock": the '
            'validation curve read (linear interpolation between evaluations) at the step where the router has '
            'used the dense run\'s time, by the side-by-side step times.')
@@ -570,7 +600,7 @@ def main(argv=None):
   os.makedirs(args.out_dir, exist_ok=True)
   results_path = os.path.join(args.out_dir, 'results.json')
   if args.report_only:
-    print(write_report(load_results(results_path, c), args))
+    print(write_report(load_results(results_path, None), args))
     return
   command = 'python scripts/router_study.py ' + ' '.join(
       shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

@@ -288,7 +288,7 @@ def _with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
 
 def evaluate(evaluator: Evaluator, params: PyTree, batches: Iterator[Batch], batch_size: int,
              max_batches: Optional[int] = None,
-             progress: Optional[summaries.Progress] = None) -> dict[str, float]:
+             progress: Optional[summaries.Progress] = None, *, keep_batches: bool = False) -> dict:
   """Teacher-forced metrics over `batches` (padded to batch_size), weighted by real target tokens;
   `progress` (summaries.Progress) is told of each batch.
 
@@ -296,7 +296,9 @@ def evaluate(evaluator: Evaluator, params: PyTree, batches: Iterator[Batch], bat
     loss, cross_ent_loss, z_loss, accuracy (token averages), bits_per_token, bits_per_byte (cross-entropy
     in bits over byte tokens, ids >= 3, for a byte vocabulary) and bits_per_byte_se (its standard error
     over the batches, ratio_standard_error; two batches or more), experts/... (batch means) and per-layer
-    'layer/<stack>/layers_<i>/<metric>'.
+    'layer/<stack>/layers_<i>/<metric>'. keep_batches: also 'batches', each batch's [cross-entropy sum in
+    nats, byte tokens], so that two models evaluated on the same batches can be compared batch by batch
+    (paired_difference).
   """
   totals: dict[str, float] = {}
   count = 0
@@ -326,7 +328,24 @@ def evaluate(evaluator: Evaluator, params: PyTree, batches: Iterator[Batch], bat
       result['bits_per_byte_se'] = ratio_standard_error(per_batch) / math.log(2)
   result['eval_batches'] = count
   result['target_tokens'] = tokens
+  if keep_batches:
+    result['batches'] = [list(pair) for pair in per_batch]
   return result
+
+
+def paired_difference(batches_a: Sequence[Sequence[float]],
+                      batches_b: Sequence[Sequence[float]]) -> tuple[float, float]:
+  """(bits/byte of a − bits/byte of b, its standard error) for two models evaluated on the same batches
+  (evaluate(..., keep_batches=True)'s 'batches'). The difference is taken batch by batch, so the noise of which
+  text the batches hold, shared by both models, cancels: what is left is how differently the two models do
+  on it. Needs >= 2 batches with equal byte counts."""
+  a, b = np.asarray(batches_a, np.float64), np.asarray(batches_b, np.float64)
+  if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 2 or len(a) < 2 or not np.array_equal(a[:, 1], b[:, 1]):
+    raise ValueError('paired_difference needs the same >= 2 batches for both models ([cross-entropy sum, byte '
+                     f'tokens] each, equal byte counts); got shapes {a.shape} and {b.shape}.')
+  pairs = np.stack([a[:, 0] - b[:, 0], a[:, 1]], axis=1)
+  delta = pairs[:, 0].sum() / pairs[:, 1].sum() / math.log(2)
+  return float(delta), ratio_standard_error(pairs) / math.log(2)
 
 
 def ratio_standard_error(pairs: Sequence[tuple[float, float]]) -> float:

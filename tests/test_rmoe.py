@@ -99,6 +99,31 @@ def rmoe_router_params(num_moe_layers, hidden, experts, p):
   return num_moe_layers * p * (hidden + experts) + 6 * p * p + 6 * p
 
 
+def test_initial_logits_are_as_spread_as_the_linear_routers():
+  """At the router study's sizes (H 256, p 128, E 16) and unit-RMS inputs, RMoE's initial logits vary from
+  token to token about as much as the linear router's (std ~0.3). With the paper's N(0, 0.02) for P_l, the
+  cell and G_l they had std ~0.008: a near-uniform router whose top-2 followed the logits' shared part,
+  which crowded tokens onto few experts (56% dropped in training) unseen by the load-balancing loss."""
+  from st_moe_jax.routers import LinearRouter
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 512, 256))
+  linear = LinearRouter(16)
+  linear_logits = linear.apply(linear.init(jax.random.PRNGKey(1), x), x)
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, inputs):
+      cell = RecurrentRouterCell(128, name='cell')
+      logits, state = RecurrentRouter(16, cell, name='layer_0')(inputs)
+      return RecurrentRouter(16, cell, name='layer_1')(inputs, state)[0], logits
+
+  stack = Stack()
+  for logits in stack.apply(stack.init(jax.random.PRNGKey(1), x), x):
+    spread = float(jnp.std(logits - logits.mean(axis=(0, 1), keepdims=True)))  # token to token
+    linear_spread = float(jnp.std(linear_logits - linear_logits.mean(axis=(0, 1), keepdims=True)))
+    assert 0.1 < linear_spread < 1.0
+    assert linear_spread / 3 < spread < linear_spread * 3, (spread, linear_spread)
+
+
 def test_router_param_count_follows_the_paper():
   tokens = jnp.zeros((1, 4), jnp.int32)
   model = models.DecoderOnly(CONFIG, RMOE)

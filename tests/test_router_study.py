@@ -64,6 +64,12 @@ def test_table_reports_seed_statistics_from_the_runs(study):
   pairs = np.subtract(moe, dense)  # same seed, same data order
   assert rows['st_moe_top2']['paired_delta'] == pytest.approx(pairs.mean())
   assert rows['st_moe_top2']['paired_se'] == pytest.approx(np.std(pairs, ddof=1) / math.sqrt(2))
+  # Each seed's final evaluations compared batch by batch: the same batches, so the difference is exact.
+  seed_deltas = rows['st_moe_top2']['seed_deltas']
+  assert [s for s, _, _ in seed_deltas] == [0, 1]
+  for (_, delta, se), pair in zip(seed_deltas, pairs):
+    assert delta == pytest.approx(pair, abs=1e-9) and se > 0
+    assert f'{delta:+.4f} ({delta / se:+.1f})' in result.stdout
   table = [line for line in result.stdout.splitlines() if line.startswith('| ')]
   assert table[1].startswith('| dense (') and f'{np.mean(dense):.4f} ± {np.std(dense, ddof=1):.4f}' in table[1]
   assert table[2].startswith('| st_moe_top2 (') and ' SE)' in table[2] and '(2 seeds)' in table[2]

@@ -267,3 +267,27 @@ def test_ratio_standard_error_reduces_to_the_standard_error_of_the_mean():
   light = trainer.ratio_standard_error([(1.0, 1.0), (9.0, 9.0), (5.0, 1.0)])
   heavy = trainer.ratio_standard_error([(1.0, 1.0), (9.0, 9.0), (45.0, 9.0)])
   assert heavy > light > 0
+
+
+def test_paired_difference_cancels_the_noise_both_models_share():
+  """Two models on the same batches: some batches are hard for both (shared noise), b is 0.01 nats a byte
+  worse everywhere plus a little noise of its own. The batch-by-batch difference is the difference of the two
+  bits/byte, with an SE far below either model's own; batches that differ are refused."""
+  from st_moe_jax import trainer
+  rng = np.random.default_rng(0)
+  byte_tokens = rng.integers(1500, 2048, 64).astype(float)
+  hardness = rng.uniform(0.8, 2.0, 64)  # nats per byte, shared
+  a = np.stack([hardness * byte_tokens, byte_tokens], 1)
+  b = np.stack([(hardness + 0.01 + rng.normal(0, 0.002, 64)) * byte_tokens, byte_tokens], 1)
+  delta, se = trainer.paired_difference(b, a)
+  bits = lambda x: x[:, 0].sum() / x[:, 1].sum() / np.log(2)
+  assert delta == pytest.approx(bits(b) - bits(a))
+  assert delta == pytest.approx(0.01 / np.log(2), rel=0.05)
+  unpaired = np.hypot(trainer.ratio_standard_error(a), trainer.ratio_standard_error(b)) / np.log(2)
+  assert 0 < se < unpaired / 20
+  diff = (b[:, 0] - a[:, 0]) / byte_tokens / np.log(2)  # equal-weight check of the scale of the SE
+  assert se == pytest.approx(np.std(diff, ddof=1) / 8, rel=0.2)
+  with pytest.raises(ValueError, match='same >= 2 batches'):
+    trainer.paired_difference(a, b[:-1])
+  with pytest.raises(ValueError, match='equal byte counts'):
+    trainer.paired_difference(a, b + [0.0, 1.0])
