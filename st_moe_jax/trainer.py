@@ -333,19 +333,27 @@ def evaluate(evaluator: Evaluator, params: PyTree, batches: Iterator[Batch], bat
   return result
 
 
-def paired_difference(batches_a: Sequence[Sequence[float]],
-                      batches_b: Sequence[Sequence[float]]) -> tuple[float, float]:
+def paired_difference(batches_a: Sequence[Sequence[float]], batches_b: Sequence[Sequence[float]],
+                      block: int = 1) -> tuple[float, float]:
   """(bits/byte of a − bits/byte of b, its standard error) for two models evaluated on the same batches
   (evaluate(..., keep_batches=True)'s 'batches'). The difference is taken batch by batch, so the noise of which
   text the batches hold, shared by both models, cancels: what is left is how differently the two models do
-  on it. Needs >= 2 batches with equal byte counts."""
+  on it. Needs >= 2 batches with equal byte counts.
+
+  block: the SE counts runs of `block` consecutive batches as one observation (the last run may be shorter).
+  Batches read in file order are not independent (neighbours share a file, and a model may do better on one
+  file and worse on the next), and the per-batch SE then understates the noise.
+  """
   a, b = np.asarray(batches_a, np.float64), np.asarray(batches_b, np.float64)
   if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 2 or len(a) < 2 or not np.array_equal(a[:, 1], b[:, 1]):
     raise ValueError('paired_difference needs the same >= 2 batches for both models ([cross-entropy sum, byte '
                      f'tokens] each, equal byte counts); got shapes {a.shape} and {b.shape}.')
+  if not 1 <= block <= len(a) // 2:
+    raise ValueError(f'block must be in [1, {len(a) // 2}] (two blocks at least) for {len(a)} batches, got {block}.')
   pairs = np.stack([a[:, 0] - b[:, 0], a[:, 1]], axis=1)
   delta = pairs[:, 0].sum() / pairs[:, 1].sum() / math.log(2)
-  return float(delta), ratio_standard_error(pairs) / math.log(2)
+  blocks = np.add.reduceat(pairs, np.arange(0, len(pairs), block), axis=0)
+  return float(delta), ratio_standard_error(blocks) / math.log(2)
 
 
 def ratio_standard_error(pairs: Sequence[tuple[float, float]]) -> float:

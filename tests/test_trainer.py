@@ -291,3 +291,25 @@ def test_paired_difference_cancels_the_noise_both_models_share():
     trainer.paired_difference(a, b[:-1])
   with pytest.raises(ValueError, match='equal byte counts'):
     trainer.paired_difference(a, b + [0.0, 1.0])
+
+
+def test_paired_difference_in_blocks_sees_noise_that_neighbouring_batches_share():
+  """Batches in file order: 8 'files' of 8 batches, and on each file b is better or worse than a by its own
+  amount (shared by the file's batches). Per batch the SE misses that; in blocks of a file it is the spread
+  over files, sqrt(8) times larger here. block=1 is the per-batch SE; a short last block is kept."""
+  from st_moe_jax import trainer
+  rng = np.random.default_rng(1)
+  byte_tokens = np.full(64, 2000.0)
+  per_file = np.repeat(rng.normal(0, 0.02, 8), 8)  # nats per byte
+  a = np.stack([np.full(64, 1.5) * byte_tokens, byte_tokens], 1)
+  b = np.stack([(1.5 + per_file + rng.normal(0, 1e-4, 64)) * byte_tokens, byte_tokens], 1)
+  delta, batch_se = trainer.paired_difference(b, a)
+  assert (delta, batch_se) == trainer.paired_difference(b, a, block=1)
+  _, file_se = trainer.paired_difference(b, a, block=8)
+  files = per_file[::8] / np.log(2)
+  assert delta == pytest.approx(per_file.mean() / np.log(2), abs=1e-4)
+  assert file_se == pytest.approx(np.std(files, ddof=1) / np.sqrt(8), rel=0.02)
+  assert file_se > 2 * batch_se
+  assert trainer.paired_difference(b, a, block=5)[0] == delta  # 12 blocks of 5 and one of 4: every batch counts
+  with pytest.raises(ValueError, match='block must be in'):
+    trainer.paired_difference(b, a, block=33)
