@@ -394,7 +394,6 @@ def summarize(results: dict) -> list[dict]:
   dense = by_router.get('dense', [])
   dense_values = np.array([r['val_bits_per_byte'] for r in dense])
   dense_runs = {r['seed']: r for r in dense}
-  dense_by_seed = {r['seed']: r['val_bits_per_byte'] for r in dense}
   budget = c.steps * timing['dense'] if 'dense' in timing else None
   rows = []
   for router in ROUTERS:
@@ -416,8 +415,8 @@ def summarize(results: dict) -> list[dict]:
                                           + dense_values.var(ddof=1) / len(dense_values)))
       # A seed fixes the data order (and the init of the parameters both models share), so the same-seed
       # difference removes what the two runs have in common.
-      paired = np.array([r['val_bits_per_byte'] - dense_by_seed[r['seed']] for r in runs
-                         if r['seed'] in dense_by_seed])
+      paired = np.array([r['val_bits_per_byte'] - dense_runs[r['seed']]['val_bits_per_byte'] for r in runs
+                         if r['seed'] in dense_runs])
       if len(paired):  # with one seed, the same-seed difference is still the fairer single number
         row['paired_delta'] = float(paired.mean())
         row['paired_seeds'] = len(paired)
@@ -450,9 +449,8 @@ def eval_se(run: dict) -> float:
   per-batch SE the trainer reported."""
   if not run.get('val_batches'):
     return run['val_bits_per_byte_se']
-  batches = np.asarray(run['val_batches'], np.float64)
-  blocks = np.add.reduceat(batches, np.arange(0, len(batches), se_block(len(batches))), axis=0)
-  return trainer_lib.ratio_standard_error(blocks) / math.log(2)
+  block = se_block(len(run['val_batches']))
+  return trainer_lib.ratio_standard_error(run['val_batches'], block) / math.log(2)
 
 
 def _mean(values):

@@ -348,19 +348,26 @@ def paired_difference(batches_a: Sequence[Sequence[float]], batches_b: Sequence[
   if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 2 or len(a) < 2 or not np.array_equal(a[:, 1], b[:, 1]):
     raise ValueError('paired_difference needs the same >= 2 batches for both models ([cross-entropy sum, byte '
                      f'tokens] each, equal byte counts); got shapes {a.shape} and {b.shape}.')
-  if not 1 <= block <= len(a) // 2:
-    raise ValueError(f'block must be in [1, {len(a) // 2}] (two blocks at least) for {len(a)} batches, got {block}.')
   pairs = np.stack([a[:, 0] - b[:, 0], a[:, 1]], axis=1)
   delta = pairs[:, 0].sum() / pairs[:, 1].sum() / math.log(2)
-  blocks = np.add.reduceat(pairs, np.arange(0, len(pairs), block), axis=0)
-  return float(delta), ratio_standard_error(blocks) / math.log(2)
+  return float(delta), ratio_standard_error(pairs, block) / math.log(2)
 
 
-def ratio_standard_error(pairs: Sequence[tuple[float, float]]) -> float:
+def ratio_standard_error(pairs: Sequence[tuple[float, float]], block: int = 1) -> float:
   """Standard error of R = Σy / Σx over n batches (y_i, x_i), the delta-method (ratio estimator) formula
   sqrt(Σ(y_i − R·x_i)² / (n(n−1))) / mean(x): the noise of an evaluation from the batches it happened to
-  read. Needs n >= 2."""
-  y, x = np.asarray(pairs, np.float64).T
+  read. Needs n >= 2.
+
+  block: runs of `block` consecutive batches are summed into one observation first (the last run may be
+  shorter; at least two runs), for batches that are not independent, e.g. read in file order.
+  """
+  pairs = np.asarray(pairs, np.float64)
+  if block != 1:
+    if not 1 <= block <= len(pairs) // 2:
+      raise ValueError(f'block must be in [1, {len(pairs) // 2}] (two blocks at least) for {len(pairs)} batches, '
+                       f'got {block}.')
+    pairs = np.add.reduceat(pairs, np.arange(0, len(pairs), block), axis=0)
+  y, x = pairs.T
   n = len(x)
   ratio = y.sum() / x.sum()
   return float(np.sqrt(np.sum((y - ratio * x) ** 2) / (n * (n - 1))) / x.mean())

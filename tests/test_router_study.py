@@ -198,3 +198,21 @@ def test_sittings_side_by_side_add_to_one_results_file_without_losing_anything(t
   commands = json.loads(path.read_text())['commands']
   assert sorted(commands) == sorted(f'{name}{i}' for name in ('a', 'b') for i in range(300))
   assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
+
+
+def test_results_from_the_older_training_stream_are_refused_but_can_be_reported(tmp_path):
+  """A results file from before `training_data` was recorded was made with the 64-files-at-a-time stream: a
+  study with today's code refuses to add to it, naming the field; a report reads it as it is."""
+  router_study = import_router_study()
+  config = router_study.PRESETS['quick']
+  legacy = dataclasses.asdict(config)
+  del legacy['training_data']
+  path = tmp_path / 'results.json'
+  path.write_text(json.dumps({'config': legacy, 'runs': {}, 'timing': None, 'commands': []}))
+  with pytest.raises(SystemExit, match=f'training_data: {router_study.LEGACY_TRAINING_DATA} there, '
+                                       f'{router_study.TRAINING_DATA} here'):
+    router_study.load_results(str(path), config)
+  assert router_study.load_results(str(path), None)['config']['training_data'] == \
+      router_study.LEGACY_TRAINING_DATA
+  with pytest.raises(SystemExit, match='no results at'):
+    router_study.load_results(str(tmp_path / 'none.json'), None)
