@@ -2,8 +2,8 @@
 
 Decoder-only byte-level language models on the embedded corpus (`stdlib_lm`), one per router and seed,
 each trained by the project's own loop (trainer.fit: Adafactor, rsqrt schedule decaying linearly to zero,
-z-losses, orbax checkpoints with the data position, TensorBoard event files), then evaluated on a fixed slice
-of the validation split.
+z-losses, orbax checkpoints with the data position, TensorBoard event files), then evaluated on a fixed sample
+of the validation split (its segments shuffled once with a fixed seed: the same batches for every run).
 
   dense               every FFN dense, width F (the FLOP-matched baseline)
   dense_total_params  every FFN dense and as wide as the MoE's total FFN parameters allow (upper reference)
@@ -81,6 +81,8 @@ DESCRIPTIONS = {
     'lory': 'Lory segment merging, experts of width F',
 }
 TRAINING_DATA = 'stdlib_lm, segments shuffled over the whole split'
+VALIDATION_SEED = 0
+VALIDATION_DATA = f'stdlib_lm validation, segments shuffled over the whole split (seed {VALIDATION_SEED})'
 VOCAB = 384  # ByteVocabulary's 259 ids, rounded up to a multiple of 128 (st_moe_tiny)
 FINDINGS = '## Findings'
 SE_BLOCK_BATCHES = 16
@@ -115,12 +117,17 @@ class StudyConfig:
   learning_rate_factors: str  # optim.create_learning_rate_scheduler's factors; a linear_decay reaches zero
                               # at the last step, so the final model is not pulled by its last few batches
   training_data: str = TRAINING_DATA  # how the training stream is drawn: not a flag, a record (below)
+  validation_data: str = VALIDATION_DATA  # how the validation batches are drawn: a record, as training_data
 
 
 # What the training stream was when a results file was made; files from before this field existed were made
 # with the older pipeline, which read the training files 64 at a time, so that a run shorter than an epoch saw
 # a different part of the corpus per seed. Results of the two are not comparable.
 LEGACY_TRAINING_DATA = 'stdlib_lm, 64 files read at a time'
+# Likewise for validation: files from before `validation_data` read it in file order, so that the final
+# evaluation's first 256 batches held a few dozen of the 84 files and neighbouring batches shared a file.
+LEGACY_VALIDATION_DATA = 'stdlib_lm validation, in file order'
+RECORDS = {'training_data': LEGACY_TRAINING_DATA, 'validation_data': LEGACY_VALIDATION_DATA}
 
 
 PRESETS = {
@@ -141,7 +148,7 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--preset', choices=sorted(PRESETS), default='study')
   for field in dataclasses.fields(StudyConfig):
-    if field.name == 'training_data':
+    if field.name in RECORDS:
       continue  # a record of the code, not a setting
     parser.add_argument(f'--{field.name}', type=field.type if field.type in (int, float, str) else int,
                         default=None, help=f'override the preset\'s {field.name}')
@@ -241,9 +248,12 @@ def make_trainer(router: str, c: StudyConfig, seed: int, mesh) -> trainer_lib.Tr
 
 
 def dataset(c: StudyConfig, split: str, seed: int):
+  """Both splits are a uniform sample of their segments. Validation's order is fixed (VALIDATION_SEED), so
+  that every run is evaluated on the same batches, and its first batches come from the whole split."""
   train = split == 'train'
   cfg = data_lib.DatasetConfig('stdlib_lm', {'targets': c.length}, split=split, batch_size=c.batch,
-                               shuffle=train, seed=seed, pack=True, num_epochs=None if train else 1)
+                               shuffle=True, seed=seed if train else VALIDATION_SEED, pack=True,
+                               num_epochs=None if train else 1)
   return data_lib.get_dataset(cfg, data_lib.DECODER_ONLY, report_trimming=False)
 
 
@@ -259,7 +269,8 @@ def load_results(path: str, config: Optional[StudyConfig]) -> dict:
     return {'config': dataclasses.asdict(config), 'runs': {}, 'timing': None, 'commands': []}
   with open(path) as f:
     results = json.load(f)
-  results['config'].setdefault('training_data', LEGACY_TRAINING_DATA)
+  for record, legacy in RECORDS.items():
+    results['config'].setdefault(record, legacy)
   if config is None:
     return results
   saved, current = results['config'], dataclasses.asdict(config)
@@ -575,7 +586,7 @@ def write_report(results: dict, args) -> str:
       f'{", then to zero at the last step" if "linear_decay" in c.learning_rate_factors else ""}), experts at '
       f'{c.expert_learning_rate_scale}× that rate, {c.routing_groups} routing group(s) per batch, aux loss '
       f'0.01, router z-loss 1e-3. '
-      f'Final validation: the first {c.final_eval_batches} batches of the validation split '
+      f'Final validation: the first {c.final_eval_batches} batches of {c.validation_data} '
       f'({c.final_eval_batches * c.batch * c.length:,} token positions, the same for every run); during training '
       f'{c.eval_batches} batches every {c.eval_every} steps.')
   if timing:

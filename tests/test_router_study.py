@@ -200,19 +200,40 @@ def test_sittings_side_by_side_add_to_one_results_file_without_losing_anything(t
   assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
 
 
-def test_results_from_the_older_training_stream_are_refused_but_can_be_reported(tmp_path):
-  """A results file from before `training_data` was recorded was made with the 64-files-at-a-time stream: a
-  study with today's code refuses to add to it, naming the field; a report reads it as it is."""
+def test_results_from_the_older_data_streams_are_refused_but_can_be_reported(tmp_path):
+  """A results file from before `training_data` and `validation_data` were recorded was made with the
+  64-files-at-a-time training stream and validation in file order: a study with today's code refuses to add
+  to it, naming the fields; a report reads it as it is."""
   router_study = import_router_study()
   config = router_study.PRESETS['quick']
   legacy = dataclasses.asdict(config)
-  del legacy['training_data']
+  del legacy['training_data'], legacy['validation_data']
   path = tmp_path / 'results.json'
   path.write_text(json.dumps({'config': legacy, 'runs': {}, 'timing': None, 'commands': []}))
-  with pytest.raises(SystemExit, match=f'training_data: {router_study.LEGACY_TRAINING_DATA} there, '
-                                       f'{router_study.TRAINING_DATA} here'):
+  with pytest.raises(SystemExit) as refused:
     router_study.load_results(str(path), config)
-  assert router_study.load_results(str(path), None)['config']['training_data'] == \
-      router_study.LEGACY_TRAINING_DATA
+  for record, legacy_value in router_study.RECORDS.items():
+    assert f'{record}: {legacy_value} there, {getattr(config, record)} here' in str(refused.value)
+  assert router_study.load_results(str(path), None)['config'] == {**legacy, **router_study.RECORDS}
   with pytest.raises(SystemExit, match='no results at'):
     router_study.load_results(str(tmp_path / 'none.json'), None)
+
+
+def test_every_run_is_evaluated_on_the_same_shuffled_sample_of_the_whole_validation_split():
+  """The validation batches are the split's segments in one fixed shuffled order, whatever the run's seed:
+  two reads give the same batches, and they are not the file-order batches. (That a shuffled epoch holds
+  every segment once: tests/test_tasks_pretraining.py.)"""
+  router_study = import_router_study()
+  from st_moe_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  c = router_study.PRESETS['quick']
+
+  def first_batches(ds, n=8):
+    batches = iter(data_lib.DataIterator(ds))
+    return np.stack([next(batches)['decoder_target_tokens'] for _ in range(n)])
+
+  first = first_batches(router_study.dataset(c, 'validation', 0))
+  assert np.array_equal(first, first_batches(router_study.dataset(c, 'validation', 7)))
+  cfg = data_lib.DatasetConfig('stdlib_lm', {'targets': c.length}, split='validation', batch_size=c.batch,
+                               shuffle=False, pack=True, num_epochs=1)
+  in_file_order = first_batches(data_lib.get_dataset(cfg, data_lib.DECODER_ONLY, report_trimming=False))
+  assert first.shape == in_file_order.shape and not np.array_equal(first, in_file_order)
