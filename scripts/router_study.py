@@ -431,14 +431,25 @@ def summarize(results: dict) -> list[dict]:
       if len(paired):  # with one seed, the same-seed difference is still the fairer single number
         row['paired_delta'] = float(paired.mean())
         row['paired_seeds'] = len(paired)
-      if len(paired) > 1:
-        row['paired_se'] = float(paired.std(ddof=1) / math.sqrt(len(paired)))
       # Per seed, the two runs' final evaluations compared batch by batch (same batches): is each seed's
       # difference beyond the noise of the evaluation? Its spread over seeds is then the training's noise.
+      recorded = [r for r in runs if r.get('val_batches') and dense_runs.get(r['seed'], {}).get('val_batches')]
       row['seed_deltas'] = [
           [r['seed'], *trainer_lib.paired_difference(r['val_batches'], dense_runs[r['seed']]['val_batches'],
                                                      block=se_block(len(r['val_batches'])))]
-          for r in runs if r.get('val_batches') and dense_runs.get(r['seed'], {}).get('val_batches')]
+          for r in recorded]
+      if len(paired) > 1:
+        # The spread over seeds is the training's noise (with each seed's share of the evaluation's). Every seed
+        # reads the same validation batches, so which batches they are is noise that averaging over seeds does
+        # not remove: the mean difference's own evaluation SE is added (in quadrature, so conservatively).
+        row['paired_se'] = float(paired.std(ddof=1) / math.sqrt(len(paired)))
+        row['paired_eval_se'] = 0.0
+        if len(recorded) == len(paired):
+          mean_batches = lambda runs_: np.mean([run['val_batches'] for run in runs_], axis=0)
+          row['paired_eval_se'] = trainer_lib.paired_difference(
+              mean_batches(recorded), mean_batches([dense_runs[r['seed']] for r in recorded]),
+              block=se_block(len(recorded[0]['val_batches'])))[1]
+        row['paired_total_se'] = float(math.hypot(row['paired_se'], row['paired_eval_se']))
     if budget and router in timing and all(r['curve'] for r in runs):
       at = budget / timing[router]  # the step where this router has used the dense run's time
       row['equal_time_step'] = min(at, c.steps)
@@ -449,9 +460,10 @@ def summarize(results: dict) -> list[dict]:
 
 
 def se_block(num_batches: int) -> int:
-  """Batches per observation of a per-seed SE: validation is read in file order, so neighbouring batches share
-  a file. Blocks of 16 batches (32 KB at the study's size, about a file) gave SEs 2× the per-batch ones
-  (round 4); they stop growing around there."""
+  """Batches per observation of an evaluation SE. Read in file order, neighbouring batches shared a file, and
+  blocks of 16 batches (32 KB at the study's size, about a file) gave SEs 2× the per-batch ones (round 4).
+  In the shuffled sample a 4 KB segment still fills about two batches and seqio's shuffle buffer mixes only
+  about 30 segments: blocks of 16 give 1.0–1.4× the per-batch SE (round 5), kept as the cautious choice."""
   return max(1, min(SE_BLOCK_BATCHES, num_batches // 2))
 
 
@@ -484,16 +496,21 @@ def markdown_table(rows: list[dict]) -> str:
     spread = f'{r["mean"]:.4f} ± {r["std"]:.4f}' if r['std'] is not None else f'{r["mean"]:.4f} (one seed)'
     paired = '–'
     if 'paired_se' in r:
-      paired = f'{r["paired_delta"]:+.4f} ± {r["paired_se"]:.4f} ({r["paired_seeds"]} seeds)'
+      paired = (f'{r["paired_delta"]:+.4f} ± {r["paired_total_se"]:.4f} ({r["paired_seeds"]} seeds; '
+                f'{r["paired_se"]:.4f} over seeds, {r["paired_eval_se"]:.4f} evaluation)')
     elif 'paired_delta' in r:
       paired = f'{r["paired_delta"]:+.4f} (seed {r["seeds"][0]})'
     if r['router'] == 'dense':
       versus, verdict = '–', '–'
     elif 'delta_se' in r:
       versus = f'{r["delta"]:+.4f} ± {r["delta_se"]:.4f}'
-      zs = [z(r['delta'], r['delta_se'])] + ([z(r['paired_delta'], r['paired_se'])] if 'paired_se' in r else [])
-      shown = ' / '.join(f'{v:.1f}' for v in zs) + ' SE'
-      verdict = (f'yes, {"better" if r["delta"] < 0 else "worse"} ({shown})' if min(zs) > 3
+      # The same-seed difference decides where there is one: pairing removes the noise of the data order the
+      # two runs share, which the unpaired SE counts in full.
+      delta, se = ((r['paired_delta'], r['paired_total_se']) if 'paired_total_se' in r
+                   else (r['delta'], r['delta_se']))
+      shown = (f'paired {z(delta, se):.1f} SE, unpaired {z(r["delta"], r["delta_se"]):.1f}'
+               if 'paired_total_se' in r else f'unpaired {z(delta, se):.1f} SE')
+      verdict = (f'yes, {"better" if delta < 0 else "worse"} ({shown})' if z(delta, se) > 3
                  else f'no ({shown})')
     elif 'delta' in r:
       versus, verdict = f'{r["delta"]:+.4f}', 'n/a (one seed)'
@@ -594,15 +611,17 @@ def write_report(results: dict, args) -> str:
                  f'steps per router, in one process, on {timing["cpu_cores"]} CPU cores (host float32 matmul: '
                  f'{timing["matmul_gflops"]:.0f} GFLOP/s), jax {timing["jax"]}.')
   notes = ('"vs dense ± SE": difference of the seed means, SE = sqrt(s²/n + s_dense²/n_dense) over seeds. '
-           '"same-seed pairs": the mean and SE over seeds of (router − dense at the same seed); a seed fixes '
-           'the data order, so pairing removes the noise the two runs share. "beyond noise?": |difference| > 3 SE '
-           'both unpaired and paired (the two z values are shown). "per seed, batch by batch": each seed\'s '
+           '"same-seed pairs": the mean over seeds of (router − dense at the same seed), with its SE: the SE over '
+           'seeds and the mean difference\'s own evaluation SE (every seed reads the same batches, so that part '
+           'does not average out over seeds), added in quadrature. A seed fixes the data order and the init of '
+           'the parameters both models share, so pairing removes the noise the two runs share. "beyond noise?": '
+           '|same-seed difference| > 3 of its SE (where a router has no seed in common with dense: the unpaired '
+           'difference); the unpaired z is shown beside it. "per seed, batch by batch": each seed\'s '
            'difference from dense, its final evaluation compared with dense\'s batch by batch (the same batches), '
-           'with z = difference / its SE, the SE from blocks of 16 consecutive batches (the validation is read in '
-           'file order, so neighbouring batches are not independent): a large z at every seed with signs that '
-           'disagree means the training run varies by more than the evaluation can tell apart. "eval SE per run": the standard error of one '
-           'run\'s final validation value from the batches it read (ratio estimator over blocks of 16 batches where '
-           'the run recorded its batches, else over single batches). "equal wall-clock": the '
+           'with z = difference / its SE. "eval SE per run": the standard error of one run\'s final validation '
+           'value from the batches it read (ratio estimator). Evaluation SEs count blocks of 16 consecutive '
+           'batches as one observation (neighbouring batches share segments; read in file order, they shared '
+           'files), where the runs recorded their batches. "equal wall-clock": the '
            'validation curve read (linear interpolation between evaluations) at the step where the router has '
            'used the dense run\'s time, by the side-by-side step times.')
   commands = '\n'.join(f'    {cmd}' for cmd in results['commands'])

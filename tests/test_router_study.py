@@ -72,7 +72,7 @@ def test_table_reports_seed_statistics_from_the_runs(study):
     assert f'{delta:+.4f} ({delta / se:+.1f})' in result.stdout
   table = [line for line in result.stdout.splitlines() if line.startswith('| ')]
   assert table[1].startswith('| dense (') and f'{np.mean(dense):.4f} ± {np.std(dense, ddof=1):.4f}' in table[1]
-  assert table[2].startswith('| st_moe_top2 (') and ' SE)' in table[2] and '(2 seeds)' in table[2]
+  assert table[2].startswith('| st_moe_top2 (') and ' SE, unpaired ' in table[2] and '(2 seeds; ' in table[2]
   # Each run's curve is the during-training validation read back from its TensorBoard event files.
   for run in runs.values():
     assert [s for s, _ in run['curve']] == [4, 8]
@@ -146,31 +146,56 @@ def test_only_the_moe_models_train_their_experts_at_the_scaled_rate():
   assert moe.group_multiple == c.routing_groups == 1 and moe.group_size == c.batch * c.length
 
 
-def test_verdict_needs_both_standard_errors_and_one_seed_routers_pair_with_their_seed():
-  """The table from a results file (no runs): 'beyond noise?' says yes only when the unpaired and the same-seed
-  differences are both > 3 SE; a router at one seed shows its difference from dense at that seed."""
+def test_verdict_is_the_same_seed_difference_against_its_seed_and_evaluation_noise():
+  """The table from a results file (no training): 'beyond noise?' judges the same-seed difference, whose SE
+  adds the spread over seeds and the evaluation noise of the mean difference (the same batches for every
+  seed); a router at one seed shows its difference from dense at that seed."""
   router_study = import_router_study()
-  # dense varies a lot between seeds; st_moe_top2 is 0.01 better at every seed: paired z is infinite-ish,
-  # unpaired z small. switch_top1 runs at seed 1 only.
+  # dense varies a lot between seeds; st_moe_top2 is about 0.01 better at every seed: the paired z is large,
+  # the unpaired z small. switch_top1 runs at seed 1 only.
   values = {'dense': {0: 2.0, 1: 2.2, 2: 1.9}, 'st_moe_top2': {0: 1.99, 1: 2.19, 2: 1.891},
             'switch_top1': {1: 2.25}}
+
+  def table(runs):
+    results = {'config': dataclasses.asdict(router_study.PRESETS['quick']), 'runs': runs, 'timing': None}
+    rows = {r['router']: r for r in router_study.summarize(results)}
+    lines = {line.split(' (')[0][2:]: line for line in router_study.markdown_table(list(rows.values())).splitlines()
+             if line.startswith('| ') and not line.startswith('| router')}
+    return rows, lines
+
   runs = {f'{router}/seed{seed}': {'router': router, 'seed': seed, 'val_bits_per_byte': v,
                                    'val_bits_per_byte_se': 0.03, 'params': 1_000_000, 'dropped_train': None,
                                    'dropped_eval': None, 'curve': []}
           for router, by_seed in values.items() for seed, v in by_seed.items()}
-  results = {'config': dataclasses.asdict(router_study.PRESETS['quick']), 'runs': runs, 'timing': None}
-  rows = {r['router']: r for r in router_study.summarize(results)}
+  rows, lines = table(runs)
   pairs = np.array([-0.01, -0.01, -0.009])
+  paired_se = pairs.std(ddof=1) / math.sqrt(3)
   assert rows['st_moe_top2']['paired_delta'] == pytest.approx(pairs.mean())
-  assert rows['st_moe_top2']['paired_se'] == pytest.approx(pairs.std(ddof=1) / math.sqrt(3))
+  assert rows['st_moe_top2']['paired_se'] == pytest.approx(paired_se)
+  assert rows['st_moe_top2']['paired_eval_se'] == 0.0  # no batches recorded
   assert rows['switch_top1']['paired_delta'] == pytest.approx(0.05) and 'paired_se' not in rows['switch_top1']
-  table = {line.split(' (')[0][2:]: line for line in router_study.markdown_table(list(rows.values())).splitlines()
-           if line.startswith('| ') and not line.startswith('| router')}
   unpaired_z = abs(rows['st_moe_top2']['delta']) / rows['st_moe_top2']['delta_se']
-  paired_z = abs(pairs.mean()) / (pairs.std(ddof=1) / math.sqrt(3))
+  paired_z = abs(pairs.mean()) / paired_se
   assert unpaired_z < 3 < paired_z
-  assert f'| no ({unpaired_z:.1f} / {paired_z:.1f} SE) |' in table['st_moe_top2']
-  assert '| +0.0500 (seed 1) |' in table['switch_top1'] and 'n/a (one seed)' in table['switch_top1']
+  assert f'| yes, better (paired {paired_z:.1f} SE, unpaired {unpaired_z:.1f}) |' in lines['st_moe_top2']
+  assert '| +0.0500 (seed 1) |' in lines['switch_top1'] and 'n/a (one seed)' in lines['switch_top1']
+
+  # Now each run records 64 evaluation batches of 1000 bytes. The MoE's difference from dense moves by ±a
+  # from one block of 16 batches to the next, the same way at every seed (it is which batches were read):
+  # the mean difference's evaluation SE is a/√3 (4 blocks, ratio estimator), and it decides the verdict.
+  a, nats = 0.01, math.log(2) * 1000
+  noise = np.repeat([a, -a, a, -a], 16)
+  for run in runs.values():
+    moe = run['router'] != 'dense'
+    bits = run['val_bits_per_byte'] + (noise if moe else 0.0)
+    run['val_batches'] = [[b * nats, 1000.0] for b in np.broadcast_to(bits, (64,))]
+  rows, lines = table(runs)
+  assert rows['st_moe_top2']['paired_eval_se'] == pytest.approx(a / math.sqrt(3))
+  total = math.hypot(paired_se, a / math.sqrt(3))
+  assert rows['st_moe_top2']['paired_total_se'] == pytest.approx(total)
+  assert abs(pairs.mean()) / total < 3
+  assert f'| no (paired {abs(pairs.mean()) / total:.1f} SE, unpaired {unpaired_z:.1f}) |' in lines['st_moe_top2']
+  assert [round(d, 6) for _, d, _ in rows['st_moe_top2']['seed_deltas']] == [round(p, 6) for p in pairs]
 
 
 def test_sittings_side_by_side_add_to_one_results_file_without_losing_anything(tmp_path):
