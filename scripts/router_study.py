@@ -257,6 +257,13 @@ def dataset(c: StudyConfig, split: str, seed: int):
   return data_lib.get_dataset(cfg, data_lib.DECODER_ONLY, report_trimming=False)
 
 
+def validation_batches(c: StudyConfig) -> data_lib.DataIterator:
+  """The validation sample from its first batch, from a dataset built afresh: tf.data reshuffles a shuffled
+  dataset each time it is iterated again, so a dataset read once per evaluation would give every evaluation
+  (and a resumed run's final one) other batches."""
+  return data_lib.DataIterator(dataset(c, 'validation', VALIDATION_SEED))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The results file: one configuration, runs added as they finish.
 
@@ -312,19 +319,18 @@ def train_and_evaluate(router: str, seed: int, c: StudyConfig, out_dir: str, mes
   model_dir = run_dir(out_dir, router, seed)
   trainer = make_trainer(router, c, seed, mesh)
   train_data = data_lib.DataIterator(dataset(c, 'train', seed))
-  validation = dataset(c, 'validation', 0)
   loop = trainer_lib.LoopConfig(c.steps, c.batch, log_period=max(1, min(c.eval_every // 4, 50)),
                                 eval_period=c.eval_every, eval_steps=c.eval_batches,
                                 checkpoint_period=c.checkpoint_every, keep=2)
   start = time.time()
   state = trainer_lib.fit(trainer, model_dir, train_data, loop,
-                          eval_data=lambda: data_lib.DataIterator(validation), eval_name='validation',
+                          eval_data=lambda: validation_batches(c), eval_name='validation',
                           print_fn=lambda line: print(f'  [{router} seed {seed}] {line}', file=sys.stderr,
                                                       flush=True))
   if state is None or int(state.step) < c.steps:
     return None  # preempted: the run's checkpoint holds where it stopped
   train_s = time.time() - start
-  final = trainer_lib.evaluate(trainer, state.params, data_lib.DataIterator(validation), c.batch,
+  final = trainer_lib.evaluate(trainer, state.params, validation_batches(c), c.batch,
                                c.final_eval_batches, keep_batches=True)
   tb = summaries.read_scalars(os.path.join(model_dir, 'train'))
   curve = summaries.read_scalars(os.path.join(model_dir, 'training_eval', 'validation')).get(
@@ -457,6 +463,42 @@ def summarize(results: dict) -> list[dict]:
       row['equal_time_bits'] = float(np.mean([interpolate(r['curve'], min(at, c.steps)) for r in runs]))
     rows.append(row)
   return rows
+
+
+def training_gaps(results: dict, out_dir: str) -> dict:
+  """{router: {seed: [[last step of the bin, gap], ...]}}: the router's training cross-entropy minus dense's at
+  the same seed, in nats per token, averaged over bins of eval_every steps, from the event files. Each batch
+  is scored before the update that uses it, and both runs read the same batches, so this is a held-out,
+  paired difference over every training token: how the gap moves through training."""
+  c = StudyConfig(**results['config'])
+  dense_seeds = {r['seed'] for r in results['runs'].values() if r['router'] == 'dense'}
+  gaps = {}
+  for run in results['runs'].values():
+    router, seed = run['router'], run['seed']
+    if router == 'dense' or seed not in dense_seeds:
+      continue
+    logged = [dict(zip(*summaries.read_scalars(os.path.join(run_dir(out_dir, r, seed), 'train')).get(
+        'cross_ent_loss', ([], [])))) for r in (router, 'dense')]
+    bins = {}
+    for step in sorted(set(logged[0]) & set(logged[1])):
+      bins.setdefault((step - 1) // c.eval_every, []).append(logged[0][step] - logged[1][step])
+    if bins:
+      gaps.setdefault(router, {})[seed] = [[min((b + 1) * c.eval_every, c.steps), float(np.mean(v))]
+                                           for b, v in sorted(bins.items())]
+  return gaps
+
+
+def gaps_table(gaps: dict) -> str:
+  if not gaps:
+    return ''
+  ends = sorted({end for by_seed in gaps.values() for bins in by_seed.values() for end, _ in bins})
+  lines = ['| router | seed | ' + ' | '.join(f'to step {end}' for end in ends) + ' |',
+           '|---|---|' + '---|' * len(ends)]
+  for router in ROUTERS:
+    for seed, bins in sorted(gaps.get(router, {}).items()):
+      by_end = dict(bins)
+      lines.append(f'| {router} | {seed} | ' + ' | '.join(_fmt(by_end.get(end), '+.4f') for end in ends) + ' |')
+  return '\n'.join(lines)
 
 
 def se_block(num_batches: int) -> int:
@@ -625,8 +667,12 @@ def write_report(results: dict, args) -> str:
            'validation curve read (linear interpolation between evaluations) at the step where the router has '
            'used the dense run\'s time, by the side-by-side step times.')
   commands = '\n'.join(f'    {cmd}' for cmd in results['commands'])
+  gaps = training_gaps(results, args.out_dir)
+  gaps_md = (f'Training cross-entropy, router − dense at the same seed (nats per token, mean over each '
+             f'{c.eval_every}-step bin; the same batches, each scored before its update):\n\n{gaps_table(gaps)}\n\n'
+             if gaps else '')
   md = (f'# Router study\n\nMade with (in sittings that append to one results file):\n\n{commands}\n\n'
-        f'{settings}\n\n{table}\n\n{notes}\n\n![validation](router_study_validation.png)\n\n'
+        f'{settings}\n\n{table}\n\n{notes}\n\n{gaps_md}![validation](router_study_validation.png)\n\n'
         f'![MoE metrics over training](router_study_moe_metrics.png)\n')
   os.makedirs(args.report_dir, exist_ok=True)
   path = os.path.join(args.report_dir, 'router_study.md')
@@ -637,7 +683,8 @@ def write_report(results: dict, args) -> str:
       md += '\n' + previous[previous.index(FINDINGS):]
   with open(path, 'w') as f:
     f.write(md)
-  save_json(os.path.join(args.report_dir, 'router_study.json'), {**results, 'summary': rows})
+  save_json(os.path.join(args.report_dir, 'router_study.json'),
+            {**results, 'summary': rows, 'training_gaps': gaps})
   plot_validation(results, os.path.join(args.report_dir, 'router_study_validation.png'))
   plot_moe_metrics(results, args.out_dir, os.path.join(args.report_dir, 'router_study_moe_metrics.png'))
   return table

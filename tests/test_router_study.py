@@ -82,6 +82,18 @@ def test_table_reports_seed_statistics_from_the_runs(study):
   assert rows['st_moe_top2']['equal_time_step'] <= 8
   for name in ('router_study.md', 'router_study_validation.png', 'router_study_moe_metrics.png'):
     assert (out_dir / name).stat().st_size > 1000, name
+  # The training gap: the MoE's logged training cross-entropy minus dense's at the same seed, binned by eval_every.
+  from st_moe_jax import summaries  # pylint: disable=g-import-not-at-top
+  for seed in (0, 1):
+    moe_ce, dense_ce = (summaries.read_scalars(str(out_dir / 'runs' / f'{r}-seed{seed}' / 'train'))['cross_ent_loss']
+                        for r in ('st_moe_top2', 'dense'))
+    assert moe_ce[0] == dense_ce[0] == list(range(1, 9))  # logged every step
+    gap = np.subtract(moe_ce[1], dense_ce[1])
+    bins = report['training_gaps']['st_moe_top2'][str(seed)]
+    assert [end for end, _ in bins] == [4, 8]
+    assert [value for _, value in bins] == pytest.approx([gap[:4].mean(), gap[4:].mean()])
+    assert f'| st_moe_top2 | {seed} | {gap[:4].mean():+.4f} | {gap[4:].mean():+.4f} |' in \
+        (out_dir / 'router_study.md').read_text()
 
 
 @pytest.mark.slow
@@ -245,20 +257,25 @@ def test_results_from_the_older_data_streams_are_refused_but_can_be_reported(tmp
 
 
 def test_every_run_is_evaluated_on_the_same_shuffled_sample_of_the_whole_validation_split():
-  """The validation batches are the split's segments in one fixed shuffled order, whatever the run's seed:
-  two reads give the same batches, and they are not the file-order batches. (That a shuffled epoch holds
-  every segment once: tests/test_tasks_pretraining.py.)"""
+  """Every evaluation reads the split's segments in one fixed shuffled order, whatever the run's seed and
+  however often the process has evaluated before: two reads give the same batches, and they are not the
+  file-order batches. (That a shuffled epoch holds every segment once: tests/test_tasks_pretraining.py.)"""
   router_study = import_router_study()
   from st_moe_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   c = router_study.PRESETS['quick']
 
-  def first_batches(ds, n=8):
-    batches = iter(data_lib.DataIterator(ds))
+  def first_batches(batches, n=8):
+    batches = iter(batches)
     return np.stack([next(batches)['decoder_target_tokens'] for _ in range(n)])
 
-  first = first_batches(router_study.dataset(c, 'validation', 0))
-  assert np.array_equal(first, first_batches(router_study.dataset(c, 'validation', 7)))
+  first = first_batches(router_study.validation_batches(c))
+  assert np.array_equal(first, first_batches(router_study.validation_batches(c)))
+  # A shuffled tf.data dataset read a second time is reshuffled: why validation_batches builds it afresh.
+  reused = router_study.dataset(c, 'validation', 7)
+  assert np.array_equal(first, first_batches(data_lib.DataIterator(reused)))
+  assert not np.array_equal(first, first_batches(data_lib.DataIterator(reused)))
   cfg = data_lib.DatasetConfig('stdlib_lm', {'targets': c.length}, split='validation', batch_size=c.batch,
                                shuffle=False, pack=True, num_epochs=1)
-  in_file_order = first_batches(data_lib.get_dataset(cfg, data_lib.DECODER_ONLY, report_trimming=False))
+  in_file_order = first_batches(data_lib.DataIterator(data_lib.get_dataset(cfg, data_lib.DECODER_ONLY,
+                                                                           report_trimming=False)))
   assert first.shape == in_file_order.shape and not np.array_equal(first, in_file_order)
