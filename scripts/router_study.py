@@ -248,19 +248,19 @@ def make_trainer(router: str, c: StudyConfig, seed: int, mesh) -> trainer_lib.Tr
 
 
 def dataset(c: StudyConfig, split: str, seed: int):
-  """Both splits are a uniform sample of their segments. Validation's order is fixed (VALIDATION_SEED), so
-  that every run is evaluated on the same batches, and its first batches come from the whole split."""
+  """Both splits are a uniform sample of their segments, in the order `seed` gives; validation is read once
+  (validation_batches fixes its seed)."""
   train = split == 'train'
   cfg = data_lib.DatasetConfig('stdlib_lm', {'targets': c.length}, split=split, batch_size=c.batch,
-                               shuffle=True, seed=seed if train else VALIDATION_SEED, pack=True,
-                               num_epochs=None if train else 1)
+                               shuffle=True, seed=seed, pack=True, num_epochs=None if train else 1)
   return data_lib.get_dataset(cfg, data_lib.DECODER_ONLY, report_trimming=False)
 
 
 def validation_batches(c: StudyConfig) -> data_lib.DataIterator:
-  """The validation sample from its first batch, from a dataset built afresh: tf.data reshuffles a shuffled
-  dataset each time it is iterated again, so a dataset read once per evaluation would give every evaluation
-  (and a resumed run's final one) other batches."""
+  """The validation sample from its first batch: the same for every run (VALIDATION_SEED, whatever the run's
+  seed), from a dataset built afresh: tf.data reshuffles a shuffled dataset each time it is iterated again, so
+  a dataset read once per evaluation would give every evaluation (and a resumed run's final one) other
+  batches."""
   return data_lib.DataIterator(dataset(c, 'validation', VALIDATION_SEED))
 
 
@@ -472,16 +472,21 @@ def training_gaps(results: dict, out_dir: str) -> dict:
   paired difference over every training token: how the gap moves through training."""
   c = StudyConfig(**results['config'])
   dense_seeds = {r['seed'] for r in results['runs'].values() if r['router'] == 'dense'}
+
+  @functools.cache  # a dense run is read once, whatever the number of routers paired with it
+  def cross_entropy(router: str, seed: int) -> dict:
+    return dict(zip(*summaries.read_scalars(os.path.join(run_dir(out_dir, router, seed), 'train')).get(
+        'cross_ent_loss', ([], []))))
+
   gaps = {}
   for run in results['runs'].values():
     router, seed = run['router'], run['seed']
     if router == 'dense' or seed not in dense_seeds:
       continue
-    logged = [dict(zip(*summaries.read_scalars(os.path.join(run_dir(out_dir, r, seed), 'train')).get(
-        'cross_ent_loss', ([], [])))) for r in (router, 'dense')]
+    routed, dense = cross_entropy(router, seed), cross_entropy('dense', seed)
     bins = {}
-    for step in sorted(set(logged[0]) & set(logged[1])):
-      bins.setdefault((step - 1) // c.eval_every, []).append(logged[0][step] - logged[1][step])
+    for step in sorted(set(routed) & set(dense)):
+      bins.setdefault((step - 1) // c.eval_every, []).append(routed[step] - dense[step])
     if bins:
       gaps.setdefault(router, {})[seed] = [[min((b + 1) * c.eval_every, c.steps), float(np.mean(v))]
                                            for b, v in sorted(bins.items())]

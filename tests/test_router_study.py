@@ -271,7 +271,7 @@ def test_every_run_is_evaluated_on_the_same_shuffled_sample_of_the_whole_validat
   first = first_batches(router_study.validation_batches(c))
   assert np.array_equal(first, first_batches(router_study.validation_batches(c)))
   # A shuffled tf.data dataset read a second time is reshuffled: why validation_batches builds it afresh.
-  reused = router_study.dataset(c, 'validation', 7)
+  reused = router_study.dataset(c, 'validation', router_study.VALIDATION_SEED)
   assert np.array_equal(first, first_batches(data_lib.DataIterator(reused)))
   assert not np.array_equal(first, first_batches(data_lib.DataIterator(reused)))
   cfg = data_lib.DatasetConfig('stdlib_lm', {'targets': c.length}, split='validation', batch_size=c.batch,
