@@ -60,6 +60,7 @@ st_moe_jax.import_tensorflow_quietly()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 from st_moe_jax import data as data_lib  # noqa: E402
 from st_moe_jax import models  # noqa: E402
@@ -116,6 +117,8 @@ class StudyConfig:
   expert_learning_rate_scale: float  # the experts' learning rate ÷ everyone else's (optim.scale_by_path)
   learning_rate_factors: str  # optim.create_learning_rate_scheduler's factors; a linear_decay reaches zero
                               # at the last step, so the final model is not pulled by its last few batches
+  expert_learning_rate_scale_end: Optional[float] = None  # None: the experts' scale is constant; else it moves
+                              # linearly from expert_learning_rate_scale at step 0 to this at the last step
   training_data: str = TRAINING_DATA  # how the training stream is drawn: not a flag, a record (below)
   validation_data: str = VALIDATION_DATA  # how the validation batches are drawn: a record, as training_data
 
@@ -150,7 +153,8 @@ def parse_args(argv=None):
   for field in dataclasses.fields(StudyConfig):
     if field.name in RECORDS:
       continue  # a record of the code, not a setting
-    parser.add_argument(f'--{field.name}', type=field.type if field.type in (int, float, str) else int,
+    kind = float if field.type == Optional[float] else field.type
+    parser.add_argument(f'--{field.name}', type=kind if kind in (int, float, str) else int,
                         default=None, help=f'override the preset\'s {field.name}')
   parser.add_argument('--routers', default='dense,st_moe_top2,switch_top1',
                       help=f'comma-separated, from {ROUTERS}')
@@ -183,6 +187,8 @@ def parse_args(argv=None):
          c.checkpoint_every) < 1:
     parser.error('--steps, --batch, --length, --eval_every, --eval_batches, --final_eval_batches and '
                  '--checkpoint_every must be >= 1')
+  if not c.expert_learning_rate_scale >= 0 or not (c.expert_learning_rate_scale_end or 0.0) >= 0:
+    parser.error('--expert_learning_rate_scale and --expert_learning_rate_scale_end must be >= 0')
   if c.final_eval_batches < 2:
     parser.error('--final_eval_batches must be >= 2 (its standard error needs two batches)')
   if c.mlp_dim % 2:
@@ -230,6 +236,13 @@ def build_model(router: str, c: StudyConfig) -> models.DecoderOnly:
   return models.DecoderOnly(*variants[router]())
 
 
+def expert_scale_text(c: StudyConfig) -> str:
+  if c.expert_learning_rate_scale_end is None:
+    return f'{c.expert_learning_rate_scale}×'
+  return (f'{c.expert_learning_rate_scale}× rising linearly to {c.expert_learning_rate_scale_end}× by the last '
+          'step of')
+
+
 def learning_rate_schedule(c: StudyConfig):
   decay = (optim.linear_decay_factor(c.steps, c.warmup_steps)
            if 'linear_decay' in c.learning_rate_factors else 0.0)
@@ -237,11 +250,19 @@ def learning_rate_schedule(c: StudyConfig):
                                               decay_factor=decay)
 
 
+def expert_learning_rate_scale(c: StudyConfig):
+  """The experts' factor on the learning rate: a float, or a linear schedule over the run."""
+  if c.expert_learning_rate_scale_end is None:
+    return c.expert_learning_rate_scale
+  return optax.linear_schedule(c.expert_learning_rate_scale, c.expert_learning_rate_scale_end, c.steps)
+
+
 def make_trainer(router: str, c: StudyConfig, seed: int, mesh) -> trainer_lib.Trainer:
   schedule = learning_rate_schedule(c)
   model = build_model(router, c)
-  scales = ({optim.EXPERT_PARAM_PATTERN: c.expert_learning_rate_scale}
-            if model.moe is not None and c.expert_learning_rate_scale != 1.0 else None)
+  scales = ({optim.EXPERT_PARAM_PATTERN: expert_learning_rate_scale(c)}
+            if model.moe is not None and (c.expert_learning_rate_scale, c.expert_learning_rate_scale_end) not in
+            ((1.0, None), (1.0, 1.0)) else None)
   make_optimizer = functools.partial(optim.adafactor, learning_rate_scales=scales)
   return trainer_lib.Trainer(model, make_optimizer, schedule, mesh, model_kind=data_lib.DECODER_ONLY,
                              seed=seed)
@@ -276,8 +297,9 @@ def load_results(path: str, config: Optional[StudyConfig]) -> dict:
     return {'config': dataclasses.asdict(config), 'runs': {}, 'timing': None, 'commands': []}
   with open(path) as f:
     results = json.load(f)
-  for record, legacy in RECORDS.items():
-    results['config'].setdefault(record, legacy)
+  for field in dataclasses.fields(StudyConfig):  # a field added later: older files had its default (or, for
+    if field.default is not dataclasses.MISSING:  # a record, RECORDS' value)
+      results['config'].setdefault(field.name, RECORDS.get(field.name, field.default))
   if config is None:
     return results
   saved, current = results['config'], dataclasses.asdict(config)
@@ -648,7 +670,7 @@ def write_report(results: dict, args) -> str:
       f'{c.length} tokens ({tokens:,} token positions per run; training data: {c.training_data}), Adafactor, learning rate '
       f'\'{c.learning_rate_factors}\' (base {c.learning_rate}, warm-up {c.warmup_steps} steps'
       f'{", then to zero at the last step" if "linear_decay" in c.learning_rate_factors else ""}), experts at '
-      f'{c.expert_learning_rate_scale}× that rate, {c.routing_groups} routing group(s) per batch, aux loss '
+      f'{expert_scale_text(c)} that rate, {c.routing_groups} routing group(s) per batch, aux loss '
       f'0.01, router z-loss 1e-3. '
       f'Final validation: the first {c.final_eval_batches} batches of {c.validation_data} '
       f'({c.final_eval_batches * c.batch * c.length:,} token positions, the same for every run); during training '

@@ -350,7 +350,8 @@ def adafactor(learning_rate: optax.ScalarOrSchedule, rules: FactorRules = None, 
               epsilon1: float = 1e-30, clipping_threshold: Optional[float] = 1.0,
               multiply_by_parameter_scale: bool = True, epsilon2: float = 1e-3,
               momentum: Optional[float] = None,
-              learning_rate_scales: Optional[Mapping[str, float]] = None) -> optax.GradientTransformation:
+              learning_rate_scales: Optional[Mapping[str, optax.ScalarOrSchedule]] = None
+              ) -> optax.GradientTransformation:
   """Adafactor with t5x's defaults (docs/routing.md §9).
 
   Args:
@@ -363,7 +364,8 @@ def adafactor(learning_rate: optax.ScalarOrSchedule, rules: FactorRules = None, 
     multiply_by_parameter_scale: step ∝ max(RMS(param), epsilon2) (relative step size).
     momentum: t5x's beta1; None (default) keeps no first moment.
     learning_rate_scales: {path regex: factor}, a learning rate per parameter group (`scale_by_path`), e.g.
-      {EXPERT_PARAM_PATTERN: 0.3}; None (t5x) gives every parameter the same rate.
+      {EXPERT_PARAM_PATTERN: 0.3}; a factor may be a schedule of the step. None (t5x) gives every parameter
+      the same rate.
   """
   txs = [scale_by_factored_rms(rules, decay_rate=decay_rate, step_offset=step_offset, epsilon1=epsilon1,
                                min_dim_size_to_factor=min_dim_size_to_factor)]
@@ -472,29 +474,43 @@ def _check_patterns_match(compiled: Sequence[re.Pattern], params: PyTree, what: 
                        f'like {paths[:3]}. Fix the pattern (it is matched with re.search on the path).')
 
 
-def scale_by_path(scales: Mapping[str, float]) -> optax.GradientTransformation:
+def scale_by_path(scales: Mapping[str, optax.ScalarOrSchedule]) -> optax.GradientTransformation:
   """u ← u · factor for parameters whose path matches a pattern of `scales` ({regex: factor}, re.search, the
   first matching pattern wins; others keep factor 1). After scale_by_learning_rate this is a learning rate
   per parameter group: e.g. {EXPERT_PARAM_PATTERN: 0.3} trains the experts at 0.3× the schedule.
 
-  Raises ConfigError (a ValueError): here for a negative factor, at init for a pattern matching no parameter.
+  A factor may be a schedule of the step (e.g. optax.linear_schedule(0.3, 1.0, steps): experts at 0.3× early,
+  at the full rate by the end). Then the state counts steps (optax.ScaleByScheduleState); with float factors
+  only it stays EmptyState, so checkpoints made without schedules keep their optimizer tree.
+
+  Raises ConfigError (a ValueError): here for a negative float factor, at init for a pattern matching no
+  parameter.
   """
   for pattern, factor in scales.items():
-    if not factor >= 0:
+    if not callable(factor) and not factor >= 0:
       raise ConfigError(f'learning_rate_scales[{pattern!r}] = {factor}: a factor must be >= 0.')
   compiled = [(re.compile(p), f) for p, f in scales.items()]
+  scheduled = any(callable(f) for _, f in compiled)
 
   def factors(tree):
     return jax.tree.map(lambda path: next((f for p, f in compiled if p.search(path)), 1.0), param_paths(tree))
 
   def init_fn(params):
     _check_patterns_match([p for p, _ in compiled], params, 'learning_rate_scales')
-    return optax.EmptyState()
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)) if scheduled else optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, f: u if f == 1.0 else u * jnp.asarray(f, u.dtype), updates,
-                        factors(updates)), state
+    count = state.count if scheduled else None
+
+    def scale(u, f):
+      if callable(f):
+        return u * jnp.asarray(f(count), u.dtype)
+      return u if f == 1.0 else u * jnp.asarray(f, u.dtype)
+    updates = jax.tree.map(scale, updates, factors(updates))
+    if scheduled:
+      state = optax.ScaleByScheduleState(count=optax.safe_increment(count))
+    return updates, state
   return optax.GradientTransformation(init_fn, update_fn)
 
 

@@ -413,3 +413,27 @@ def test_learning_rate_scales_scale_only_the_matching_group():
     optim.adafactor(0.1, learning_rate_scales={'encoder/': 0.5}).init(params)
   with pytest.raises(ValueError, match='must be >= 0'):
     optim.adafactor(0.1, learning_rate_scales={'expert/': -1.0})
+
+
+def test_a_scheduled_learning_rate_scale_follows_the_step_and_floats_keep_an_empty_state():
+  """scale_by_path with a schedule: step t scales the matching group by schedule(t) (jitted, as training runs
+  it), the others by 1; the state counts steps. With float factors the state stays EmptyState, so optimizer
+  trees (and checkpoints) made without schedules are unchanged."""
+  params = {'mlp': {'expert': {'wi': jnp.ones((2, 3))}, 'router': {'w': jnp.ones((3,))}}}
+  ramp = optax.linear_schedule(0.3, 1.0, 4)
+  tx = optim.scale_by_path({optim.EXPERT_PARAM_PATTERN: ramp})
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  seen = []
+  for _ in range(6):
+    updates, state = update(jax.tree.map(jnp.ones_like, params), state)
+    np.testing.assert_array_equal(updates['mlp']['router']['w'], 1.0)
+    seen.append(float(updates['mlp']['expert']['wi'][0, 0]))
+  np.testing.assert_allclose(seen, [0.3, 0.475, 0.65, 0.825, 1.0, 1.0], rtol=1e-6)
+  assert int(state.count) == 6
+  assert isinstance(optim.scale_by_path({optim.EXPERT_PARAM_PATTERN: 0.3}).init(params), optax.EmptyState)
+  # Inside adafactor the first step equals the float factor's.
+  grads = [jax.tree.map(lambda p: jnp.sin(p * 3.0), params)]
+  first = lambda scale: _run(optim.adafactor(0.1, learning_rate_scales={optim.EXPERT_PARAM_PATTERN: scale}),
+                             params, grads)[0]
+  np.testing.assert_allclose(first(ramp)['mlp']['expert']['wi'], first(0.3)['mlp']['expert']['wi'], rtol=1e-6)
