@@ -13,7 +13,7 @@ Token id 0 is padding everywhere (seqio).
 
 import dataclasses
 import logging
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import seqio
@@ -153,6 +153,16 @@ def get_dataset(cfg: DatasetConfig, model_kind: str, *, num_processes: int = 1,
   options = tf.data.Options()
   options.autotune.enabled = False
   return ds.prefetch(2).with_options(options)
+
+
+def evaluation_reader(cfg: DatasetConfig, model_kind: str, **kwargs) -> Callable[[], 'DataIterator']:
+  """A function that gives an iterator over the same batches at every call: every evaluation of a run reads
+  the same sample. tf.data draws another order each time a shuffled dataset is read again, so a shuffled one
+  is built afresh per call; an unshuffled one is built once. kwargs go to get_dataset."""
+  if cfg.shuffle:
+    return lambda: DataIterator(get_dataset(cfg, model_kind, **kwargs))
+  ds = get_dataset(cfg, model_kind, **kwargs)
+  return lambda: DataIterator(ds)
 
 
 def pad_batch(batch: Batch, batch_size: int) -> Batch:

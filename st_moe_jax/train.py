@@ -108,9 +108,8 @@ def train(*, model: Any = gin.REQUIRED, model_dir: Optional[str] = gin.REQUIRED,
   train_data = data_lib.DataIterator(train_ds)
   eval_data = None
   if train_eval_dataset_cfg is not None and eval_period:
-    eval_ds = data_lib.get_dataset(train_eval_dataset_cfg, kind, num_processes=jax.process_count(),
-                                   shard=shard)
-    eval_data = lambda: data_lib.DataIterator(eval_ds)
+    eval_data = data_lib.evaluation_reader(train_eval_dataset_cfg, kind, num_processes=jax.process_count(),
+                                           shard=shard)
   loss_config = trainer_lib.LossConfig(z_loss, label_smoothing, aux_loss_factor, router_z_loss_factor,
                                        loss_normalizing_factor)
   make_trainer = lambda m: trainer_lib.Trainer(

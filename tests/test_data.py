@@ -1,5 +1,6 @@
 """data.py: feature converters (packing on / off), checkpointable iterator, trimming report, sharding."""
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -68,6 +69,19 @@ def test_process_shards_read_different_data():
   b = first_batch(cfg, data.DECODER_ONLY, num_processes=2, shard=seqio.ShardInfo(1, 2))
   assert a['decoder_target_tokens'].shape == (2, 16)  # batch_size / processes rows each
   assert not np.array_equal(a['decoder_target_tokens'], b['decoder_target_tokens'])
+
+
+def test_every_evaluation_reads_the_same_batches_even_when_shuffled():
+  """tf.data reshuffles a shuffled dataset each time it is read again; evaluation_reader gives every call the
+  same batches, shuffled or not."""
+  take = lambda it, n=3: [next(it)['decoder_target_tokens'] for _ in range(n)]
+  for shuffle in (True, False):
+    cfg = data.DatasetConfig('stdlib_lm', {'targets': 16}, split='validation', batch_size=2, shuffle=shuffle,
+                             num_epochs=1)
+    read = data.evaluation_reader(cfg, data.DECODER_ONLY, report_trimming=False)
+    np.testing.assert_array_equal(take(read()), take(read()))
+  ds = data.get_dataset(dataclasses.replace(cfg, shuffle=True), data.DECODER_ONLY, report_trimming=False)
+  assert not np.array_equal(take(data.DataIterator(ds)), take(data.DataIterator(ds)))  # what it guards against
 
 
 def test_errors():
