@@ -114,11 +114,12 @@ class StudyConfig:
   routing_groups: int   # routing groups per batch (MoeConfig.group_multiple): 1 = the whole batch, as one
                         # device's tokens are on a pod; flaxformer's default (G a multiple of E) would make
                         # every 128-token sequence its own group, where bursts of alike bytes overflow C
-  expert_learning_rate_scale: float  # the experts' learning rate ÷ everyone else's (optim.scale_by_path)
+  expert_learning_rate_scale: float  # the experts' learning rate ÷ everyone else's (optim.scale_by_path) at step 0
   learning_rate_factors: str  # optim.create_learning_rate_scheduler's factors; a linear_decay reaches zero
                               # at the last step, so the final model is not pulled by its last few batches
   expert_learning_rate_scale_end: Optional[float] = None  # None: the experts' scale is constant; else it moves
                               # linearly from expert_learning_rate_scale at step 0 to this at the last step
+                              # (the presets: 0.3 → 1, round 6 of docs/router_study.md; None is round 5's)
   training_data: str = TRAINING_DATA  # how the training stream is drawn: not a flag, a record (below)
   validation_data: str = VALIDATION_DATA  # how the validation batches are drawn: a record, as training_data
 
@@ -138,11 +139,13 @@ PRESETS = {
                          mlp_dim=512, steps=1200, batch=16, length=128, eval_every=200, eval_batches=16,
                          final_eval_batches=256, learning_rate=1.0, warmup_steps=100, checkpoint_every=200,
                          segment_length=32, routing_groups=1, expert_learning_rate_scale=0.3,
+                         expert_learning_rate_scale_end=1.0,
                          learning_rate_factors='rsqrt_decay * linear_decay'),
     'quick': StudyConfig(d_model=32, num_heads=2, head_dim=16, num_layers=2, num_sparse=1, num_experts=4,
                          mlp_dim=64, steps=8, batch=4, length=32, eval_every=4, eval_batches=2,
                          final_eval_batches=3, learning_rate=1.0, warmup_steps=2, checkpoint_every=4,
                          segment_length=8, routing_groups=1, expert_learning_rate_scale=0.3,
+                         expert_learning_rate_scale_end=1.0,
                          learning_rate_factors='rsqrt_decay * linear_decay'),
 }
 

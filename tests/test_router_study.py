@@ -147,7 +147,7 @@ def test_only_the_moe_models_train_their_experts_at_the_scaled_rate():
   mesh = partitioning.create_mesh(jax.devices()[:1])
   scales = lambda router: router_study.make_trainer(router, c, 0, mesh).make_optimizer.keywords[
       'learning_rate_scales']
-  assert scales('st_moe_top2') == {optim.EXPERT_PARAM_PATTERN: c.expert_learning_rate_scale} != {}
+  assert set(scales('st_moe_top2')) == {optim.EXPERT_PARAM_PATTERN}
   assert scales('dense') is None  # a dense model has no expert to match: scale_by_path would refuse it
   moe = router_study.build_model('st_moe_top2', c).moe
   # The learning rate decays to zero at the last step (its floor, 1e-8), from the schedule's peak.
@@ -156,14 +156,15 @@ def test_only_the_moe_models_train_their_experts_at_the_scaled_rate():
   assert float(schedule(c.steps)) == pytest.approx(1e-8)
   assert float(schedule(c.warmup_steps)) == pytest.approx(c.learning_rate / math.sqrt(c.warmup_steps))
   assert moe.group_multiple == c.routing_groups == 1 and moe.group_size == c.batch * c.length
-  # --expert_learning_rate_scale_end: the experts' factor moves linearly over the run, dense still has none.
-  ramp = dataclasses.replace(c, expert_learning_rate_scale_end=1.0)
-  factor = router_study.make_trainer('st_moe_top2', ramp, 0, mesh).make_optimizer.keywords[
-      'learning_rate_scales'][optim.EXPERT_PARAM_PATTERN]
+  # The presets' experts' factor moves linearly over the run, 0.3× → 1× (round 6); without an end it is constant.
+  assert (c.expert_learning_rate_scale, c.expert_learning_rate_scale_end) == (0.3, 1.0)
+  factor = scales('st_moe_top2')[optim.EXPERT_PARAM_PATTERN]
   assert [float(factor(s)) for s in (0, c.steps // 2, c.steps)] == pytest.approx([0.3, 0.65, 1.0])
-  assert router_study.make_trainer('dense', ramp, 0, mesh).make_optimizer.keywords['learning_rate_scales'] is None
-  assert router_study.expert_scale_text(ramp) == '0.3× rising linearly to 1.0× by the last step of'
-  assert router_study.expert_scale_text(c) == '0.3×'
+  assert router_study.expert_scale_text(c) == '0.3× rising linearly to 1.0× by the last step of'
+  constant = dataclasses.replace(c, expert_learning_rate_scale_end=None)
+  assert router_study.make_trainer('st_moe_top2', constant, 0, mesh).make_optimizer.keywords[
+      'learning_rate_scales'] == {optim.EXPERT_PARAM_PATTERN: 0.3}
+  assert router_study.expert_scale_text(constant) == '0.3×'
 
 
 def test_verdict_is_the_same_seed_difference_against_its_seed_and_evaluation_noise():
@@ -262,11 +263,15 @@ def test_results_from_the_older_data_streams_are_refused_but_can_be_reported(tmp
   assert router_study.load_results(str(path), None)['config'] == {**legacy, **router_study.RECORDS}
   with pytest.raises(SystemExit, match='no results at'):
     router_study.load_results(str(tmp_path / 'none.json'), None)
-  # A setting added later (expert_learning_rate_scale_end): older files had its default and still match.
-  current = dataclasses.asdict(config)
-  del current['expert_learning_rate_scale_end']
-  path.write_text(json.dumps({'config': current, 'runs': {}, 'timing': None, 'commands': []}))
-  assert router_study.load_results(str(path), config)['config'] == dataclasses.asdict(config)
+  # A setting added later (expert_learning_rate_scale_end): older files had its default (None, constant), so
+  # they match a constant study and are refused, by name, by the presets' rising one.
+  constant = dataclasses.replace(config, expert_learning_rate_scale_end=None)
+  older = dataclasses.asdict(constant)
+  del older['expert_learning_rate_scale_end']
+  path.write_text(json.dumps({'config': older, 'runs': {}, 'timing': None, 'commands': []}))
+  assert router_study.load_results(str(path), constant)['config'] == dataclasses.asdict(constant)
+  with pytest.raises(SystemExit, match='expert_learning_rate_scale_end: None there, 1.0 here'):
+    router_study.load_results(str(path), config)
 
 
 def test_every_run_is_evaluated_on_the_same_shuffled_sample_of_the_whole_validation_split():
