@@ -271,21 +271,23 @@ def make_trainer(router: str, c: StudyConfig, seed: int, mesh) -> trainer_lib.Tr
                              seed=seed)
 
 
-def dataset(c: StudyConfig, split: str, seed: int):
+def dataset_config(c: StudyConfig, split: str, seed: int) -> data_lib.DatasetConfig:
   """Both splits are a uniform sample of their segments, in the order `seed` gives; validation is read once
   (validation_batches fixes its seed)."""
   train = split == 'train'
-  cfg = data_lib.DatasetConfig('stdlib_lm', {'targets': c.length}, split=split, batch_size=c.batch,
-                               shuffle=True, seed=seed, pack=True, num_epochs=None if train else 1)
-  return data_lib.get_dataset(cfg, data_lib.DECODER_ONLY, report_trimming=False)
+  return data_lib.DatasetConfig('stdlib_lm', {'targets': c.length}, split=split, batch_size=c.batch,
+                                shuffle=True, seed=seed, pack=True, num_epochs=None if train else 1)
+
+
+def dataset(c: StudyConfig, split: str, seed: int):
+  return data_lib.get_dataset(dataset_config(c, split, seed), data_lib.DECODER_ONLY, report_trimming=False)
 
 
 def validation_batches(c: StudyConfig) -> data_lib.DataIterator:
   """The validation sample from its first batch: the same for every run (VALIDATION_SEED, whatever the run's
-  seed), from a dataset built afresh: tf.data reshuffles a shuffled dataset each time it is iterated again, so
-  a dataset read once per evaluation would give every evaluation (and a resumed run's final one) other
-  batches."""
-  return data_lib.DataIterator(dataset(c, 'validation', VALIDATION_SEED))
+  seed) and for every evaluation of a run (data.evaluation_reader rebuilds the shuffled dataset)."""
+  return data_lib.evaluation_reader(dataset_config(c, 'validation', VALIDATION_SEED), data_lib.DECODER_ONLY,
+                                    report_trimming=False)()
 
 
 # ---------------------------------------------------------------------------------------------------------
