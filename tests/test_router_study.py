@@ -137,6 +137,9 @@ def test_unknown_router_is_refused():
   result = subprocess.run([sys.executable, 'scripts/router_study.py', '--steps', '50', '--warmup_steps', '100'],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2 and 'total_steps > warmup_steps, got 50 <= 100' in result.stderr
+  result = subprocess.run([sys.executable, 'scripts/router_study.py', '--expert_learning_rate_scale_end', '-1'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and '--expert_learning_rate_scale_end must be >= 0' in result.stderr
 
 
 def test_only_the_moe_models_train_their_experts_at_the_scaled_rate():
