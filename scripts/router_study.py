@@ -530,6 +530,14 @@ def gaps_table(gaps: dict) -> str:
     for seed, bins in sorted(gaps.get(router, {}).items()):
       by_end = dict(bins)
       lines.append(f'| {router} | {seed} | ' + ' | '.join(_fmt(by_end.get(end), '+.4f') for end in ends) + ' |')
+    by_seed = [dict(bins) for bins in gaps.get(router, {}).values()]
+    if len(by_seed) > 1:  # the seeds' spread is the noise a bin's gap carries
+      cells = []
+      for end in ends:
+        values = [bins[end] for bins in by_seed if end in bins]
+        cells.append(f'{np.mean(values):+.4f} ± {np.std(values, ddof=1) / math.sqrt(len(values)):.4f}'
+                     if len(values) > 1 else '–')
+      lines.append(f'| {router} | mean ± SE ({len(by_seed)} seeds) | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 

@@ -84,6 +84,7 @@ def test_table_reports_seed_statistics_from_the_runs(study):
     assert (out_dir / name).stat().st_size > 1000, name
   # The training gap: the MoE's logged training cross-entropy minus dense's at the same seed, binned by eval_every.
   from st_moe_jax import summaries  # pylint: disable=g-import-not-at-top
+  last_bins = []
   for seed in (0, 1):
     moe_ce, dense_ce = (summaries.read_scalars(str(out_dir / 'runs' / f'{r}-seed{seed}' / 'train'))['cross_ent_loss']
                         for r in ('st_moe_top2', 'dense'))
@@ -94,6 +95,11 @@ def test_table_reports_seed_statistics_from_the_runs(study):
     assert [value for _, value in bins] == pytest.approx([gap[:4].mean(), gap[4:].mean()])
     assert f'| st_moe_top2 | {seed} | {gap[:4].mean():+.4f} | {gap[4:].mean():+.4f} |' in \
         (out_dir / 'router_study.md').read_text()
+    last_bins.append(gap[4:].mean())
+  # Over seeds, each bin's mean and its standard error (the seeds' spread).
+  assert ('| st_moe_top2 | mean ± SE (2 seeds) | ' in (out_dir / 'router_study.md').read_text() and
+          f'| {np.mean(last_bins):+.4f} ± {np.std(last_bins, ddof=1) / math.sqrt(2):.4f} |' in
+          (out_dir / 'router_study.md').read_text())
 
 
 @pytest.mark.slow
