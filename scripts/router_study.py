@@ -527,14 +527,13 @@ def gaps_table(gaps: dict) -> str:
   lines = ['| router | seed | ' + ' | '.join(f'to step {end}' for end in ends) + ' |',
            '|---|---|' + '---|' * len(ends)]
   for router in ROUTERS:
-    for seed, bins in sorted(gaps.get(router, {}).items()):
-      by_end = dict(bins)
+    by_seed = {seed: dict(bins) for seed, bins in sorted(gaps.get(router, {}).items())}
+    for seed, by_end in by_seed.items():
       lines.append(f'| {router} | {seed} | ' + ' | '.join(_fmt(by_end.get(end), '+.4f') for end in ends) + ' |')
-    by_seed = [dict(bins) for bins in gaps.get(router, {}).values()]
     if len(by_seed) > 1:  # the seeds' spread is the noise a bin's gap carries
       cells = []
       for end in ends:
-        values = [bins[end] for bins in by_seed if end in bins]
+        values = [by_end[end] for by_end in by_seed.values() if end in by_end]
         cells.append(f'{np.mean(values):+.4f} ± {np.std(values, ddof=1) / math.sqrt(len(values)):.4f}'
                      if len(values) > 1 else '–')
       lines.append(f'| {router} | mean ± SE ({len(by_seed)} seeds) | ' + ' | '.join(cells) + ' |')
