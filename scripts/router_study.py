@@ -475,7 +475,7 @@ def summarize(results: dict) -> list[dict]:
         # The spread over seeds is the training's noise (with each seed's share of the evaluation's). Every seed
         # reads the same validation batches, so which batches they are is noise that averaging over seeds does
         # not remove: the mean difference's own evaluation SE is added (in quadrature, so conservatively).
-        row['paired_se'] = float(paired.std(ddof=1) / math.sqrt(len(paired)))
+        row['paired_se'] = mean_and_se(paired)[1]
         row['paired_eval_se'] = 0.0
         if len(recorded) == len(paired):
           mean_batches = lambda runs_: np.mean([run['val_batches'] for run in runs_], axis=0)
@@ -520,23 +520,45 @@ def training_gaps(results: dict, out_dir: str) -> dict:
   return gaps
 
 
+def mean_and_se(values) -> tuple[float, float | None]:
+  """The mean over seeds and its standard error, the seeds' spread (std with ddof=1) over sqrt(n); no SE for
+  one seed."""
+  values = np.asarray(values, dtype=float)
+  se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+  return float(values.mean()), se
+
+
+def gaps_over_seeds(gaps: dict) -> dict:
+  """{router: [[last step of the bin, mean gap, its SE, seeds], ...]} over the seeds training_gaps holds,
+  for routers with more than one seed: the seeds' spread is the noise a bin's gap carries."""
+  summary = {}
+  for router, by_seed in gaps.items():
+    if len(by_seed) < 2:
+      continue
+    by_end = {}
+    for bins in by_seed.values():
+      for end, gap in bins:
+        by_end.setdefault(end, []).append(gap)
+    summary[router] = [[end, *mean_and_se(values), len(values)] for end, values in sorted(by_end.items())]
+  return summary
+
+
 def gaps_table(gaps: dict) -> str:
   if not gaps:
     return ''
   ends = sorted({end for by_seed in gaps.values() for bins in by_seed.values() for end, _ in bins})
+  over_seeds = gaps_over_seeds(gaps)
   lines = ['| router | seed | ' + ' | '.join(f'to step {end}' for end in ends) + ' |',
            '|---|---|' + '---|' * len(ends)]
   for router in ROUTERS:
-    by_seed = {seed: dict(bins) for seed, bins in sorted(gaps.get(router, {}).items())}
-    for seed, by_end in by_seed.items():
+    for seed, bins in sorted(gaps.get(router, {}).items()):
+      by_end = dict(bins)
       lines.append(f'| {router} | {seed} | ' + ' | '.join(_fmt(by_end.get(end), '+.4f') for end in ends) + ' |')
-    if len(by_seed) > 1:  # the seeds' spread is the noise a bin's gap carries
-      cells = []
-      for end in ends:
-        values = [by_end[end] for by_end in by_seed.values() if end in by_end]
-        cells.append(f'{np.mean(values):+.4f} ± {np.std(values, ddof=1) / math.sqrt(len(values)):.4f}'
-                     if len(values) > 1 else '–')
-      lines.append(f'| {router} | mean ± SE ({len(by_seed)} seeds) | ' + ' | '.join(cells) + ' |')
+    if router in over_seeds:
+      by_end = {end: (mean, se) for end, mean, se, _ in over_seeds[router]}
+      cells = [f'{by_end[end][0]:+.4f} ± {by_end[end][1]:.4f}' if by_end.get(end, (0, None))[1] is not None
+               else '–' for end in ends]
+      lines.append(f'| {router} | mean ± SE ({len(gaps[router])} seeds) | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
@@ -723,7 +745,8 @@ def write_report(results: dict, args) -> str:
   with open(path, 'w') as f:
     f.write(md)
   save_json(os.path.join(args.report_dir, 'router_study.json'),
-            {**results, 'summary': rows, 'training_gaps': gaps})
+            {**results, 'summary': rows, 'training_gaps': gaps,
+             'training_gaps_over_seeds': gaps_over_seeds(gaps)})
   plot_validation(results, os.path.join(args.report_dir, 'router_study_validation.png'))
   plot_moe_metrics(results, args.out_dir, os.path.join(args.report_dir, 'router_study_moe_metrics.png'))
   return table

@@ -100,6 +100,8 @@ def test_table_reports_seed_statistics_from_the_runs(study):
   assert ('| st_moe_top2 | mean ± SE (2 seeds) | ' in (out_dir / 'router_study.md').read_text() and
           f'| {np.mean(last_bins):+.4f} ± {np.std(last_bins, ddof=1) / math.sqrt(2):.4f} |' in
           (out_dir / 'router_study.md').read_text())
+  assert report['training_gaps_over_seeds']['st_moe_top2'][-1] == pytest.approx(
+      [8, np.mean(last_bins), np.std(last_bins, ddof=1) / math.sqrt(2), 2])
 
 
 @pytest.mark.slow
