@@ -543,11 +543,11 @@ def gaps_over_seeds(gaps: dict) -> dict:
   return summary
 
 
-def gaps_table(gaps: dict) -> str:
+def gaps_table(gaps: dict, over_seeds: dict) -> str:
+  """training_gaps per seed, and gaps_over_seeds' mean ± SE row per router, as a markdown table."""
   if not gaps:
     return ''
   ends = sorted({end for by_seed in gaps.values() for bins in by_seed.values() for end, _ in bins})
-  over_seeds = gaps_over_seeds(gaps)
   lines = ['| router | seed | ' + ' | '.join(f'to step {end}' for end in ends) + ' |',
            '|---|---|' + '---|' * len(ends)]
   for router in ROUTERS:
@@ -555,9 +555,8 @@ def gaps_table(gaps: dict) -> str:
       by_end = dict(bins)
       lines.append(f'| {router} | {seed} | ' + ' | '.join(_fmt(by_end.get(end), '+.4f') for end in ends) + ' |')
     if router in over_seeds:
-      by_end = {end: (mean, se) for end, mean, se, _ in over_seeds[router]}
-      cells = [f'{by_end[end][0]:+.4f} ± {by_end[end][1]:.4f}' if by_end.get(end, (0, None))[1] is not None
-               else '–' for end in ends]
+      by_end = {end: f'{mean:+.4f} ± {se:.4f}' for end, mean, se, _ in over_seeds[router] if se is not None}
+      cells = [by_end.get(end, '–') for end in ends]
       lines.append(f'| {router} | mean ± SE ({len(gaps[router])} seeds) | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -729,9 +728,10 @@ def write_report(results: dict, args) -> str:
            'used the dense run\'s time, by the side-by-side step times.')
   commands = '\n'.join(f'    {cmd}' for cmd in results['commands'])
   gaps = training_gaps(results, args.out_dir)
+  gaps_summary = gaps_over_seeds(gaps)
   gaps_md = (f'Training cross-entropy, router − dense at the same seed (nats per token, mean over each '
-             f'{c.eval_every}-step bin; the same batches, each scored before its update):\n\n{gaps_table(gaps)}\n\n'
-             if gaps else '')
+             f'{c.eval_every}-step bin; the same batches, each scored before its update):\n\n'
+             f'{gaps_table(gaps, gaps_summary)}\n\n' if gaps else '')
   md = (f'# Router study\n\nMade with (in sittings that append to one results file):\n\n{commands}\n\n'
         f'{settings}\n\n{table}\n\n{notes}\n\n{gaps_md}![validation](router_study_validation.png)\n\n'
         f'![MoE metrics over training](router_study_moe_metrics.png)\n')
@@ -746,7 +746,7 @@ def write_report(results: dict, args) -> str:
     f.write(md)
   save_json(os.path.join(args.report_dir, 'router_study.json'),
             {**results, 'summary': rows, 'training_gaps': gaps,
-             'training_gaps_over_seeds': gaps_over_seeds(gaps)})
+             'training_gaps_over_seeds': gaps_summary})
   plot_validation(results, os.path.join(args.report_dir, 'router_study_validation.png'))
   plot_moe_metrics(results, args.out_dir, os.path.join(args.report_dir, 'router_study_moe_metrics.png'))
   return table
